@@ -1,0 +1,100 @@
+"""What a *tower* is: one view of an item (a text built from item fields, or the item's image)
+plus the frozen encoder that reads it. IISAN has two towers; their names are the config key
+``towers`` (default ``[text, image]``).
+
+Config keys per tower ``<t>`` (``<t>`` is a tower name):
+- ``image``: ``image_encoder`` (hub name or local path), ``image_dir`` / the LMDB store made by
+  ``prepare --images``; ``missing_image: error | zeros``.
+- any other name is a text tower: ``<t>_encoder``, ``<t>_fields`` (item fields joined into the
+  text; default the title field), ``<t>_max_length`` (default ``text_max_length``, 30),
+  ``<t>_pooling`` (``auto`` = first token for encoder-only models, masked mean for decoders;
+  or ``cls`` | ``mean`` | ``last`` | ``mean_unmasked``).
+- ``image_pooling`` likewise for the image tower (``auto`` = first token).
+
+The paper's multimodal-text setting (two text views) is ``towers: [text, text2]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+POOLINGS = ("auto", "cls", "mean", "last", "mean_unmasked")
+DEFAULT_TITLE_FIELDS = ("title", "movie_title")
+
+
+class TowerConfigError(ValueError):
+    """A tower is configured wrongly; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """One tower: its name, kind ('text' or 'image'), encoder and inputs."""
+
+    name: str
+    kind: str
+    encoder: str
+    fields: tuple[str, ...] = ()
+    max_length: int = 30
+    pooling: str = "auto"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == "image"
+
+
+def _get(config: Mapping, key: str, default: Any = None) -> Any:
+    try:
+        value = config[key]
+    except KeyError:
+        return default
+    return default if value is None else value
+
+
+def tower_specs(config: Mapping, item_fields: list[str] | None = None) -> list[TowerSpec]:
+    """The towers a config asks for, validated.
+
+    ``item_fields`` (the columns of the dataset's ``.item`` file) lets the default text field be
+    found (``title`` for prepared Amazon data, ``movie_title`` for ml-100k) and unknown fields be
+    reported by name.
+    """
+    names = _get(config, "towers", ["text", "image"])
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if len(names) != 2 or len(set(names)) != 2:
+        raise TowerConfigError(f"config key 'towers': expected two different tower names, got {names!r}")
+    default_len = int(_get(config, "text_max_length", 30))
+    specs = []
+    for name in names:
+        encoder = _get(config, f"{name}_encoder")
+        if not encoder:
+            raise TowerConfigError(
+                f"config key '{name}_encoder' is not set: give a Hugging Face name or a local path "
+                f"for tower '{name}'"
+            )
+        pooling = str(_get(config, f"{name}_pooling", "auto"))
+        if pooling not in POOLINGS:
+            raise TowerConfigError(f"config key '{name}_pooling': expected one of {POOLINGS}, got {pooling!r}")
+        if name == "image":
+            specs.append(TowerSpec(name, "image", str(encoder), pooling=pooling))
+            continue
+        fields = _get(config, f"{name}_fields")
+        if fields is None:
+            found = [f for f in DEFAULT_TITLE_FIELDS if item_fields is None or f in item_fields]
+            if not found:
+                raise TowerConfigError(
+                    f"config key '{name}_fields' is not set and the item file has no title field "
+                    f"(it has {item_fields})"
+                )
+            fields = [found[0]]
+        if isinstance(fields, str):
+            fields = [f.strip() for f in fields.split(",") if f.strip()]
+        if item_fields is not None:
+            missing = [f for f in fields if f not in item_fields]
+            if missing:
+                raise TowerConfigError(
+                    f"config key '{name}_fields': {missing} not in the item file (it has {item_fields})"
+                )
+        max_length = int(_get(config, f"{name}_max_length", default_len))
+        specs.append(TowerSpec(name, "text", str(encoder), tuple(fields), max_length, pooling))
+    return specs

