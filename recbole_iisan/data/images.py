@@ -1,0 +1,434 @@
+"""Item images in one LMDB store, keyed by item token.
+
+:func:`import_images` reads a folder or a ``.zip`` of ``<item_id>.jpg|.jpeg|.png`` (extensions in
+any case; in a zip or folder the files may sit in subfolders), checks that each file decodes with
+PIL, and stores the *original encoded bytes* under the item token (UTF-8). Files that do not decode
+are listed, not stored. The store is written to a temporary LMDB directory and renamed into place;
+its ``__meta__`` key (JSON: source fingerprint, counts, the full report) is written last, so a
+store with ``__meta__`` is complete. Importing again from the same source for the same items is a
+no-op ("up to date").
+
+:class:`ImageStore` reads a finished store (read-only, no locks; safe from several processes, and
+it reopens itself after a ``fork`` or unpickling, e.g. in DataLoader workers).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import lmdb
+from PIL import Image
+
+from recbole_iisan.data.prepare import PrepareError
+
+logger = logging.getLogger("recbole_iisan.images")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+META_KEY = b"__meta__"
+STORE_FORMAT = "recbole_iisan.images/1"
+MAP_SIZE = 1 << 40  # 1 TiB of address space; the file grows only as data is written
+_COMMIT_EVERY = 512
+_VERIFY_BATCH = 64
+
+
+class ImageStoreError(PrepareError):
+    """A path that is not a complete image store, or an unusable image source."""
+
+
+def default_image_store_path(data_path: PathLike, dataset: str) -> Path:
+    """``<data_path>/<dataset>/<dataset>_images.lmdb`` (an LMDB environment directory)."""
+    return Path(data_path) / dataset / f"{dataset}_images.lmdb"
+
+
+@dataclass
+class ImageImportReport:
+    """What :func:`import_images` did. ``missing`` and ``n_items`` are known only when
+    ``item_tokens`` was given (otherwise ``n_items`` is None and ``missing`` empty)."""
+
+    source: str
+    store_path: str
+    n_files: int = 0                      # image files found in the source
+    n_stored: int = 0
+    n_items: Optional[int] = None
+    missing: List[str] = field(default_factory=list)
+    unreadable: List[Tuple[str, str]] = field(default_factory=list)
+    extra: int = 0                        # files for items not in item_tokens (ignored)
+    duplicates: int = 0                   # second files for the same token (ignored)
+    up_to_date: bool = False
+
+    @property
+    def coverage(self) -> Optional[float]:
+        if not self.n_items:
+            return None
+        return self.n_stored / self.n_items
+
+    @property
+    def report_file(self) -> str:
+        return str(Path(self.store_path) / "report.txt")
+
+    def summary(self) -> str:
+        tail = f"{len(self.unreadable):,} unreadable"
+        if self.n_items is not None:
+            cov = 100.0 * self.n_stored / self.n_items if self.n_items else 0.0
+            head = (f"images: {self.n_stored:,} of {self.n_items:,} items ({cov:.1f}%); "
+                    f"{len(self.missing):,} missing, {tail}")
+        else:
+            head = f"images: {self.n_stored:,} stored; {tail}"
+        if self.extra:
+            head += f"; {self.extra:,} files for unknown items ignored"
+        if self.duplicates:
+            head += f"; {self.duplicates:,} duplicate files ignored"
+        return f"{head} — see {self.report_file}"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["unreadable"] = [list(u) for u in self.unreadable]
+        d["coverage"] = self.coverage
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageImportReport":
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["unreadable"] = [tuple(u) for u in kw.get("unreadable", [])]
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------------
+def _token_of(name: str) -> Optional[str]:
+    """Item token of an image member name (``a/b/B00X.JPG`` -> ``B00X``), or None to skip it."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    if any(part == "__MACOSX" or part.startswith(".") for part in p.parts):
+        return None  # macOS resource forks, hidden files
+    if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.stem:
+        return None
+    return p.stem
+
+
+class _Source:
+    """A folder or a zip of image files: a fingerprint and (token, name) pairs."""
+
+    def __init__(self, source: PathLike):
+        self.path = Path(source)
+        if not self.path.exists():
+            raise ImageStoreError(f"{self.path}: image source not found (expected a folder or "
+                                  f"a .zip of <item_id>.jpg|.jpeg|.png)")
+        self.is_zip = self.path.is_file()
+        if self.is_zip:
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ImageStoreError(f"{self.path}: expected a folder or a .zip file ({exc})") \
+                    from None
+            names = [i.filename for i in self._zip.infolist() if not i.is_dir()]
+        else:
+            self._zip = None
+            names = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
+                           if p.is_file())
+        self.entries: List[Tuple[str, str]] = []
+        for name in sorted(names):
+            token = _token_of(name)
+            if token is not None:
+                self.entries.append((token, name))
+
+    def fingerprint(self) -> dict:
+        st = self.path.stat()
+        if self.is_zip:
+            return {"path": str(self.path.resolve()), "kind": "zip", "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns}
+        h = hashlib.sha256()
+        for _, name in self.entries:
+            s = (self.path / name).stat()
+            h.update(f"{name}\0{s.st_size}\0{s.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
+        return {"path": str(self.path.resolve()), "kind": "folder", "files": len(self.entries),
+                "sha256": h.hexdigest()}
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(name)
+        return (self.path / name).read_bytes()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def _verify(data: bytes) -> Optional[str]:
+    """None when ``data`` decodes to an RGB image, else the reason it does not."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.convert("RGB")
+        return None
+    except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _tokens_digest(item_tokens: Optional[Sequence[str]]) -> Optional[str]:
+    if item_tokens is None:
+        return None
+    h = hashlib.sha256()
+    for t in item_tokens:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+def _read_meta(store_path: Path) -> Optional[dict]:
+    if not (store_path / "data.mdb").is_file():
+        return None
+    try:
+        env = lmdb.open(str(store_path), readonly=True, lock=False, subdir=True,
+                        readahead=False)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin() as txn:
+            raw = txn.get(META_KEY)
+        return json.loads(raw) if raw is not None else None
+    except (lmdb.Error, ValueError):
+        return None
+    finally:
+        env.close()
+
+
+def _write_report_file(report: ImageImportReport, path: Path) -> None:
+    lines = [f"# {report.summary()}", f"# source: {report.source}"]
+    lines += [f"unreadable\t{tok}\t{why}" for tok, why in report.unreadable]
+    lines += [f"missing\t{tok}" for tok in report.missing]
+    (path / "report.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def import_images(source: PathLike, store_path: PathLike,
+                  item_tokens: Optional[Iterable[str]] = None,
+                  progress: bool = True, force: bool = False) -> ImageImportReport:
+    """Import a folder or ``.zip`` of ``<item_id>.jpg|.jpeg|.png`` into an LMDB store.
+
+    Only files that decode with PIL are stored (their original bytes); the others go to
+    ``report.unreadable``. With ``item_tokens``, only those items are stored and the report
+    counts ``missing`` items and ``extra`` files. ``<store>/report.txt`` lists every unreadable
+    and missing item. A complete store built from the same source for the same items is reused.
+    """
+    store = Path(store_path)
+    tokens = None if item_tokens is None else list(dict.fromkeys(item_tokens))
+    src = _Source(source)
+    try:
+        fingerprint = src.fingerprint()
+        digest = _tokens_digest(tokens)
+        if not force:
+            meta = _read_meta(store)
+            if (meta is not None and meta.get("format") == STORE_FORMAT
+                    and meta.get("source") == fingerprint and meta.get("item_tokens") == digest):
+                report = ImageImportReport.from_dict(meta["report"])
+                report.store_path = str(store)
+                report.up_to_date = True
+                logger.info(f"{report.summary()} (up to date)")
+                return report
+        return _build(src, store, tokens, fingerprint, digest, progress)
+    finally:
+        src.close()
+
+
+def _build(src: _Source, store: Path, tokens: Optional[List[str]], fingerprint: dict,
+           digest: Optional[str], progress: bool) -> ImageImportReport:
+    report = ImageImportReport(source=str(src.path), store_path=str(store), n_files=len(src.entries),
+                               n_items=None if tokens is None else len(tokens))
+    wanted = None if tokens is None else set(tokens)
+    todo: List[Tuple[str, str]] = []
+    seen = set()
+    for token, name in src.entries:
+        if wanted is not None and token not in wanted:
+            report.extra += 1
+        elif token in seen or token.encode("utf-8", "surrogatepass") == META_KEY:
+            report.duplicates += 1
+        else:
+            seen.add(token)
+            todo.append((token, name))
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.parent / f".{store.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    env = lmdb.open(str(tmp), map_size=MAP_SIZE, subdir=True, readahead=False,
+                    metasync=False, sync=False)
+    stored = set()
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"images -> {store.name}", unit="img",
+                   disable=not progress, leave=False)
+        workers = max(1, min(4, os.cpu_count() or 1))
+        txn = env.begin(write=True)
+        pending = 0
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(todo), _VERIFY_BATCH):
+                batch = todo[start:start + _VERIFY_BATCH]
+                datas = []
+                for token, name in batch:
+                    try:
+                        datas.append(src.read(name))
+                    except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
+                        datas.append(exc)
+                reasons = pool.map(lambda d: d if isinstance(d, Exception) else _verify(d), datas)
+                for (token, _), data, why in zip(batch, datas, reasons):
+                    if isinstance(why, Exception):
+                        why = f"cannot read: {type(why).__name__}: {why}"
+                    if why is not None:
+                        report.unreadable.append((token, why))
+                    else:
+                        txn.put(token.encode("utf-8", "surrogatepass"), data)
+                        stored.add(token)
+                        pending += 1
+                    if pending >= _COMMIT_EVERY:
+                        txn.commit()
+                        txn = env.begin(write=True)
+                        pending = 0
+                bar.update(len(batch))
+        bar.close()
+        report.n_stored = len(stored)
+        if tokens is not None:
+            bad = {u for u, _ in report.unreadable}
+            report.missing = [t for t in tokens if t not in stored and t not in bad]
+        meta = {"format": STORE_FORMAT, "source": fingerprint, "item_tokens": digest,
+                "n_stored": report.n_stored, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "report": report.as_dict()}
+        txn.put(META_KEY, json.dumps(meta).encode("utf-8"))
+        txn.commit()
+        env.sync(True)
+    except BaseException:
+        env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    env.close()
+    _write_report_file(report, tmp)
+    # atomic swap: the final path is either the old complete store or the new one
+    if store.exists():
+        old = store.parent / f".{store.name}.old-{os.getpid()}"
+        os.replace(store, old)
+        os.replace(tmp, store)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, store)
+    logger.info(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+class ImageStore:
+    """Read-only access to a store made by :func:`import_images`.
+
+    ``token in store``, ``len(store)``, ``store.keys()``, ``get_bytes``, ``get_image`` (RGB),
+    ``get_images``. Opens without locks (the store never changes once complete), and reopens
+    lazily in a new process (after ``fork`` or unpickling)."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._env = None
+        self._pid = None
+        self._open()
+
+    def _open(self) -> None:
+        p = self.path
+        if not (p / "data.mdb").is_file():
+            raise ImageStoreError(f"{p}: not an image store (no LMDB data.mdb; build it with "
+                                  f"`python -m recbole_iisan.prepare ... --images SOURCE`)")
+        try:
+            env = lmdb.open(str(p), readonly=True, lock=False, subdir=True, readahead=False,
+                            max_readers=2048)
+        except lmdb.Error as exc:
+            raise ImageStoreError(f"{p}: cannot open image store ({exc})") from None
+        with env.begin() as txn:
+            raw = txn.get(META_KEY)
+        if raw is None:
+            env.close()
+            raise ImageStoreError(f"{p}: incomplete image store (no {META_KEY.decode()} key; "
+                                  f"import the images again)")
+        try:
+            self.meta = json.loads(raw)
+        except ValueError:
+            env.close()
+            raise ImageStoreError(f"{p}: image store has an unreadable "
+                                  f"{META_KEY.decode()} key") from None
+        self._env, self._pid = env, os.getpid()
+
+    @property
+    def env(self) -> "lmdb.Environment":
+        if self._env is None or self._pid != os.getpid():
+            self._env = None  # an env inherited through fork must not be used (or closed)
+            self._open()
+        return self._env
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = Path(state["path"])
+        self._env = None
+        self._pid = None
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self.meta.get("n_stored", self.env.stat()["entries"] - 1))
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, str) and self.get_bytes(token) is not None
+
+    def keys(self) -> List[str]:
+        with self.env.begin() as txn:
+            return [k.decode("utf-8", "surrogatepass")
+                    for k in txn.cursor().iternext(keys=True, values=False) if k != META_KEY]
+
+    def get_bytes(self, token: str) -> Optional[bytes]:
+        key = token.encode("utf-8", "surrogatepass")
+        if key == META_KEY:
+            return None
+        with self.env.begin(buffers=False) as txn:
+            return txn.get(key)
+
+    def get_image(self, token: str) -> Image.Image:
+        data = self.get_bytes(token)
+        if data is None:
+            raise KeyError(token)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+
+    def get_images(self, tokens: Iterable[str]) -> List[Optional[Image.Image]]:
+        out: List[Optional[Image.Image]] = []
+        with self.env.begin(buffers=False) as txn:
+            for token in tokens:
+                key = token.encode("utf-8", "surrogatepass")
+                data = None if key == META_KEY else txn.get(key)
+                if data is None:
+                    out.append(None)
+                else:
+                    with Image.open(io.BytesIO(data)) as img:
+                        out.append(img.convert("RGB"))
+        return out
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    def __enter__(self) -> "ImageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageStore({str(self.path)!r}, {self.meta.get('n_stored')} images)"

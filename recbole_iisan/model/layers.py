@@ -1,0 +1,201 @@
+"""Side-network building blocks of IISAN / IISAN-Versa (iisan-method.md section 3).
+
+All modules here work on *cached* backbone hidden states: a tower's input is a tensor
+``[M, n_rows, D]`` (M items, the hidden-state rows chosen by LayerDrop, width D).
+
+- :class:`SANB`: the side adapted network block, ``y = x + up(act(down(x)))`` (3.1).
+- :class:`Gates`: learnable scalar gates ``sigmoid(theta / 0.1)``, theta initialised to 0 (3.3).
+- :class:`IntraTower`: the recurrent gated side network of one modality (3.3).
+- :class:`InterTower`: the inter-modal side network over the raw rows of both modalities,
+  with per-step dimension transformation layers (DTL) when the widths differ and top-aligned
+  pairing when the row counts differ (3.4).
+- :class:`TwoLayerHead`: two Linears with no nonlinearity in between (3.5).
+- :func:`make_heads`: the heads of the symmetric (VS) or asymmetric (VA) model (3.5).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+GATE_TEMPERATURE = 0.1
+SANB_INIT_STD = 0.01
+ACTIVATIONS = ("relu", "gelu")
+FUSIONS = ("gated", "add")
+
+
+def _activation(name: str) -> nn.Module:
+    name = str(name).lower()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"sanb_activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+class SANB(nn.Module):
+    """Side adapted network block: ``x + W_up act(W_down x + b_down) + b_up``.
+
+    Weights ~ N(0, 0.01^2), biases zero, so the block starts as a near-identity. No dropout and
+    no LayerNorm (the authors build a dropout layer but never apply it).
+    """
+
+    def __init__(self, dim: int, bottleneck: int, activation: str = "relu"):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = _activation(activation)
+        self.up = nn.Linear(bottleneck, dim)
+        for lin in (self.down, self.up):
+            nn.init.normal_(lin.weight, mean=0.0, std=SANB_INIT_STD)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+class Gates(nn.Module):
+    """``n`` independent scalar gates ``sigmoid(theta_j / temperature)``; theta starts at 0 (gate 0.5)."""
+
+    def __init__(self, n: int, temperature: float = GATE_TEMPERATURE):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(n))
+        self.temperature = float(temperature)
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.theta / self.temperature)
+
+    def values(self) -> list[float]:
+        with torch.no_grad():
+            return [float(v) for v in self.forward().float().cpu()]
+
+
+class IntraTower(nn.Module):
+    """Intra-modal side network over the ``n`` selected rows of one modality.
+
+    ``z = 0``; for j in 0..n-1: ``u = g_j * h_j + (1 - g_j) * z`` (``fusion='gated'``) or
+    ``u = h_j + z`` (``fusion='add'``, no gates); ``z = SANB_j(u)``. Returns the final z.
+    """
+
+    def __init__(self, dim: int, n_steps: int, bottleneck: int, activation: str = "relu",
+                 fusion: str = "gated"):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        if n_steps < 1:
+            raise ValueError("an intra tower needs at least one hidden-state row")
+        self.dim = dim
+        self.n_steps = n_steps
+        self.fusion = fusion
+        self.blocks = nn.ModuleList(SANB(dim, bottleneck, activation) for _ in range(n_steps))
+        self.gates = Gates(n_steps) if fusion == "gated" else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h``: ``[M, n_steps, dim]`` -> ``[M, dim]``."""
+        if h.size(1) != self.n_steps or h.size(-1) != self.dim:
+            raise ValueError(f"intra tower expects [M, {self.n_steps}, {self.dim}], got {list(h.shape)}")
+        g = self.gates() if self.gates is not None else None
+        z = torch.zeros_like(h[:, 0])
+        for j, block in enumerate(self.blocks):
+            x = h[:, j]
+            u = g[j] * x + (1.0 - g[j]) * z if g is not None else x + z
+            z = block(u)
+        return z
+
+    def gate_values(self) -> list[float]:
+        return self.gates.values() if self.gates is not None else []
+
+
+class InterTower(nn.Module):
+    """Inter-modal side network over the raw rows of towers A ("text") and B ("image").
+
+    Runs ``n = min(n_a, n_b)`` steps over the **top** n rows of each tower (top-aligned pairing).
+    The tower lives in width ``D_m = min(D_a, D_b)``; when the widths differ the wider tower's row
+    goes through a per-step ``Linear(D_wide -> D_m)`` (DTL, default init) first.
+    ``m = 0``; ``m = SANB_j(m + b_j * X^B_j + (1 - b_j) * X^A_j)`` with ``b_j = sigmoid(phi_j/0.1)``
+    (``fusion='add'``: ``m + X^B_j + X^A_j``, no gates). The residual m is ungated.
+    """
+
+    def __init__(self, dim_a: int, n_a: int, dim_b: int, n_b: int, bottleneck: int,
+                 activation: str = "relu", fusion: str = "gated"):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        self.n_a, self.n_b = n_a, n_b
+        self.dim_a, self.dim_b = dim_a, dim_b
+        self.n_steps = min(n_a, n_b)
+        self.dim = min(dim_a, dim_b)
+        self.fusion = fusion
+        self.blocks = nn.ModuleList(SANB(self.dim, bottleneck, activation) for _ in range(self.n_steps))
+        self.gates = Gates(self.n_steps) if fusion == "gated" else None
+        # which side needs a DTL (None when the widths are equal)
+        self.dtl_side: Optional[str] = None
+        if dim_a != dim_b:
+            self.dtl_side = "a" if dim_a > dim_b else "b"
+            wide = max(dim_a, dim_b)
+            self.dtls = nn.ModuleList(nn.Linear(wide, self.dim) for _ in range(self.n_steps))
+        else:
+            self.dtls = None
+
+    def forward(self, h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:
+        """``h_a``: ``[M, n_a, D_a]``, ``h_b``: ``[M, n_b, D_b]`` -> ``[M, D_m]``."""
+        if h_a.size(1) != self.n_a or h_b.size(1) != self.n_b:
+            raise ValueError(
+                f"inter tower expects {self.n_a} and {self.n_b} rows, got {h_a.size(1)} and {h_b.size(1)}"
+            )
+        off_a, off_b = self.n_a - self.n_steps, self.n_b - self.n_steps
+        g = self.gates() if self.gates is not None else None
+        m = h_a.new_zeros(h_a.size(0), self.dim)
+        for j, block in enumerate(self.blocks):
+            xa, xb = h_a[:, off_a + j], h_b[:, off_b + j]
+            if self.dtl_side == "a":
+                xa = self.dtls[j](xa)
+            elif self.dtl_side == "b":
+                xb = self.dtls[j](xb)
+            if g is not None:
+                mix = g[j] * xb + (1.0 - g[j]) * xa
+            else:
+                mix = xb + xa
+            m = block(m + mix)
+        return m
+
+    def gate_values(self) -> list[float]:
+        return self.gates.values() if self.gates is not None else []
+
+
+class TwoLayerHead(nn.Module):
+    """``second(first(x))``: two Linears with no nonlinearity between them (3.5)."""
+
+    def __init__(self, dim_in: int, dim_mid: int, dim_out: int, xavier_second: bool = False):
+        super().__init__()
+        self.first = nn.Linear(dim_in, dim_mid)
+        self.second = nn.Linear(dim_mid, dim_out)
+        if xavier_second:
+            # the authors' image head: the former ViT classifier, Xavier-normal with zero bias
+            nn.init.xavier_normal_(self.second.weight)
+            nn.init.zeros_(self.second.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+HEAD_TYPES = ("symmetric", "asymmetric")
+
+
+def make_tower_head(head_type: str, dim: int, d: int, image_side: bool) -> TwoLayerHead:
+    """Head of one intra tower.
+
+    - ``symmetric`` (IISAN, VS): ``Linear(D, D)`` then ``Linear(D, d)``; on the image side the
+      second Linear is Xavier-normal with zero bias (the authors' ViT classifier).
+    - ``asymmetric`` (IISAN-Versa, VA): ``Linear(D, d)`` then a new default-init ``Linear(d, d)``.
+    """
+    if head_type == "symmetric":
+        return TwoLayerHead(dim, dim, d, xavier_second=image_side)
+    if head_type == "asymmetric":
+        return TwoLayerHead(dim, d, d)
+    raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
+
+
+def make_inter_head(dim: int, d: int) -> TwoLayerHead:
+    """Head of the inter tower: ``Linear(D_m, D_m)`` then ``Linear(D_m, d)`` (both model kinds)."""
+    return TwoLayerHead(dim, dim, d)
