@@ -35,13 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate")
     p.add_argument("--compare_file", default=None, help="CSV for --compare (default saved/compare-<dataset>-<time>.csv)")
     p.add_argument("--result_file", default=None, help="JSON result file (default under saved/)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume training from")
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="--resume=CHECKPOINT.pth resumes a training run; with --tune, --resume resumes the search")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--world_size", type=int, default=-1)
     p.add_argument("--ip", default="localhost")
     p.add_argument("--port", default="5678")
     p.add_argument("--group_offset", type=int, default=0)
     p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search")
+    t = p.add_argument_group("tuning (with --tune)")
+    t.add_argument("--num_samples", type=int, default=8, help="trials to run")
+    t.add_argument("--search_alg", default="random", help="random | hyperopt | optuna")
+    t.add_argument("--max_concurrent", type=int, default=0, help="trials at once (0: as many as resources allow)")
+    t.add_argument("--cpus_per_trial", type=float, default=1.0)
+    t.add_argument("--gpus_per_trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
+    t.add_argument("--ray_address", default=None, help="join an existing Ray cluster (e.g. auto or ray://host:10001)")
+    t.add_argument("--storage_path", default="ray_results", help="where Ray Tune keeps results (absolute or shared path)")
+    t.add_argument("--tune_name", default=None, help="experiment name (default <model>-<dataset>)")
     return p
 
 
@@ -175,6 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         world_size=args.world_size, ip=args.ip, port=args.port,
                                         group_offset=args.group_offset, result_file=args.result_file)
             return 0
+        if args.resume is True:
+            print("error: --resume needs a checkpoint path (--resume=saved/MODEL-....pth) outside --tune", file=sys.stderr)
+            return EXIT_BAD_INPUT
         result = quick_start.run(args.model, args.dataset, config_files, config_dict,
                                  resume=args.resume, result_file=args.result_file)
         test = result.get("test_result") or {}

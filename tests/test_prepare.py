@@ -220,20 +220,19 @@ def test_recbole_loads_output(toy, tmp_path):
     ds = _recbole_dataset(out, "Toy")
     assert ds.user_num == 2 + 1 and ds.item_num == 6 + 1 and ds.inter_num == 11  # +1: padding
     words = ds.field2id_token["title"]
-    titles = {}
-    for row, item in enumerate(ds.field2id_token["item_id"]):
-        if row == 0:
-            continue
-        ids = [int(t) for t in ds.item_feat["title"][row] if int(t) != 0]
-        titles[item] = " ".join(words[t] for t in ids)
+    items = ds.field2id_token["item_id"]
+    item_feat = ds.item_feat  # a DataFrame until the dataset is built
+    titles = {items[int(i)]: " ".join(words[int(t)] for t in seq)
+              for i, seq in zip(item_feat["item_id"], item_feat["title"])}
+    assert titles["i1"] == "First & best"
     assert titles["i2"] == "'' Industrial & Scientific'''' />''"
     assert titles["i3"] == "A 5'' ruler with tab"
     assert titles["i5"] == ""
-    # TO ordering reproduces the sequence, repeats included
-    ds.sort(by=["user_id", "timestamp"])
+    # RecBole's TO ordering reproduces the sequence, repeats included
+    inter = ds.inter_feat.sort_values(["user_id", "timestamp"], kind="stable")
     u1 = ds.token2id("user_id", "u1")
-    seq = ds.inter_feat["item_id"][ds.inter_feat["user_id"] == u1].tolist()
-    assert ds.id2token("item_id", seq).tolist() == ["i1", "i1", "i2", "i3", "i4"]
+    seq = inter.loc[inter["user_id"] == u1, "item_id"].tolist()
+    assert [items[i] for i in seq] == ["i1", "i1", "i2", "i3", "i4"]
 
 
 @pytest.mark.skipif(not SCIENTIFIC.is_dir(), reason="Scientific raw files not available")
