@@ -151,7 +151,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unrecognised argument(s) {bad}: config keys are given as --key=value", file=sys.stderr)
         return EXIT_BAD_INPUT
     # RecBole's Config reads --key=value from sys.argv itself; leave it only the config keys.
+    saved_argv = sys.argv
     sys.argv = [sys.argv[0]] + rest
+    try:
+        return _main(args, rest)
+    finally:
+        sys.argv = saved_argv
+
+
+def _main(args: argparse.Namespace, rest: list[str]) -> int:
     config_files = args.config_files.split() if args.config_files else None
     config_dict = _config_dict(args)
 
