@@ -23,6 +23,11 @@ PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 PLUGIN_MODELS: dict[str, str] = {
     "IISANVS": "recbole_iisan.model.iisan:IISANVS",
     "IISANVA": "recbole_iisan.model.iisan:IISANVA",
+    "IISANUncached": "recbole_iisan.model.baselines:IISANUncached",
+    "FFT": "recbole_iisan.model.baselines:FFT",
+    "Adapter": "recbole_iisan.model.baselines:Adapter",
+    "LoRA": "recbole_iisan.model.baselines:LoRA",
+    "BitFit": "recbole_iisan.model.baselines:BitFit",
 }
 
 _TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\((\w+)\)")

@@ -74,6 +74,10 @@ def create_dataset(config: Any, model_class: type):
 
     if needs_item_states(model_class):
         return MultimodalSequentialDataset(config)
+    if getattr(model_class, "needs_raw_inputs", False):
+        from recbole_iisan.data.raw_inputs import RawInputSequentialDataset
+
+        return RawInputSequentialDataset(config)
     if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         return ProtocolSequentialDataset(config)
     from recbole.data import create_dataset as rb_create_dataset

@@ -148,16 +148,23 @@ def tower_specs_for(config: Mapping) -> list[TowerSpec]:
 
 def encoder_depth(spec: TowerSpec) -> int:
     """Number of blocks of a tower's encoder (from its config)."""
-    return _enc.encoder_info(spec.encoder).n_layers
+    return _enc.encoder_info(spec.encoder, spec.name).n_layers
+
+
+def model_layers(config: Mapping, specs: Sequence[TowerSpec]) -> dict[str, list[int]]:
+    """Hidden-state indices the model reads per tower (its LayerDrop choice); what a dataset
+    passes to ``load_states``."""
+    infos = {s.name: _enc.encoder_info(s.encoder, s.name) for s in specs}
+    return tower_layers_from_config(config, {t: i.n_layers for t, i in infos.items()})
 
 
 def required_layers(config: Mapping, specs: Sequence[TowerSpec]) -> dict[str, list[int]]:
     """Hidden-state indices to cache per tower: the model's LayerDrop choice, or every hidden
-    state with ``cache_layers: all``."""
-    infos = {s.name: _enc.encoder_info(s.encoder) for s in specs}
+    state with ``cache_layers: all`` (then load the model's rows with ``model_layers``)."""
     if str(_get(config, "cache_layers", "")).lower() == "all":
+        infos = {s.name: _enc.encoder_info(s.encoder, s.name) for s in specs}
         return {t: list(range(i.n_layers + 1)) for t, i in infos.items()}
-    return tower_layers_from_config(config, {t: i.n_layers for t, i in infos.items()})
+    return model_layers(config, specs)
 
 
 def _versions() -> dict[str, str]:
@@ -330,7 +337,7 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
     tokens = [str(t) for t in item_tokens]
     if len(set(tokens)) != len(tokens):
         raise CacheError(f"tower '{spec.name}': the item tokens are not unique")
-    info = _enc.encoder_info(spec.encoder)
+    info = _enc.encoder_info(spec.encoder, spec.name)
     try:
         pooling = _enc.resolve_pooling(spec.pooling, info.is_decoder, spec.is_image)
     except ValueError as exc:
@@ -373,7 +380,11 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
 
     store_layers = layers
     if (folder / MANIFEST).is_file():
-        old = read_manifest(folder)
+        try:
+            old = read_manifest(folder)
+        except CacheError as exc:
+            logger.warning(f"{exc}")
+            old = {}
         old_layers = [int(x) for x in old.get("layers", [])]
         same = old.get("identity") == ident
         covered = set(layers) <= set(old_layers)
@@ -647,5 +658,5 @@ def load_states(cache_path: Path | str, tokens: Sequence[str], layers: Sequence[
 
 __all__ = [
     "CacheError", "cache_root", "dataset_dir", "encoder_depth", "ensure_cache", "ensure_caches",
-    "is_complete", "load_states", "read_item_file", "read_manifest", "required_layers", "tower_specs_for",
+    "is_complete", "load_states", "model_layers", "read_item_file", "read_manifest", "required_layers", "tower_specs_for",
 ]

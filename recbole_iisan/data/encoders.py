@@ -159,13 +159,24 @@ def _encoder_info_cached(name: str) -> EncoderInfo:
     return EncoderInfo(int(n_layers), int(dim), _is_decoder(config), str(getattr(config, "model_type", "")))
 
 
-def encoder_info(name: str) -> EncoderInfo:
+def encoder_info(name: str, tower: str | None = None) -> EncoderInfo:
     """Depth, width, decoder-ness and model type of an encoder, from its config only.
 
     For a ``.gguf`` file transformers reads the config from the file's metadata (a few seconds);
-    answers are memoised per process.
+    answers are memoised per process. With ``tower``, a failure names the tower's config key.
     """
-    return _encoder_info_cached(str(name))
+    try:
+        return _encoder_info_cached(str(name))
+    except EncoderLoadError as exc:
+        if tower is None:
+            raise
+        raise load_error(str(name), tower, str(exc).split(". The Hugging Face hub")[0]) from None
+
+
+def load_error(name: str, tower: str, reason: str) -> EncoderLoadError:
+    """The one-line error for an encoder that cannot be loaded for a tower."""
+    return EncoderLoadError(f"cannot load encoder '{name}' for tower '{tower}' "
+                            f"(config key '{tower}_encoder'): {reason}. {HINT}")
 
 
 def resolve_pooling(pooling: str, is_decoder: bool, is_image: bool = False) -> str:
@@ -391,14 +402,13 @@ def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> Fr
     device = torch.device(device) if not isinstance(device, torch.device) else device
 
     def fail(reason: str) -> EncoderLoadError:
-        return EncoderLoadError(f"cannot load encoder '{name}' for tower '{tower}' "
-                                f"(config key '{tower}_encoder'): {reason}. {HINT}")
+        return load_error(name, tower, reason)
 
     try:
         path, kwargs = resolve_encoder(name)
-        info = encoder_info(name)
     except EncoderLoadError as exc:
-        raise fail(str(exc).split(". The Hugging Face hub")[0]) from None
+        raise fail(str(exc)) from None
+    info = encoder_info(name, tower)
     is_image = bool(getattr(spec, "is_image", False))
     try:
         pooling = resolve_pooling(getattr(spec, "pooling", "auto"), info.is_decoder, is_image)
@@ -442,6 +452,6 @@ def iter_batches(items: Sequence[Any], batch_size: int) -> Iterable[tuple[int, S
 
 
 __all__ = [
-    "DECODER_MODEL_TYPES", "EncoderInfo", "EncoderLoadError", "FrozenEncoder", "encoder_info",
+    "DECODER_MODEL_TYPES", "EncoderInfo", "EncoderLoadError", "FrozenEncoder", "encoder_info", "load_error",
     "load_frozen_encoder", "resolve_encoder", "resolve_pooling", "short_name", "weights_fingerprint",
 ]

@@ -19,12 +19,13 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from PIL import Image
@@ -190,9 +191,8 @@ def _read_meta(store_path: Path) -> Optional[dict]:
     if not (store_path / "data.mdb").is_file():
         return None
     try:
-        env = lmdb.open(str(store_path), readonly=True, lock=False, subdir=True,
-                        readahead=False)
-    except lmdb.Error:
+        key, env = _acquire_env(store_path)
+    except (ImageStoreError, OSError):
         return None
     try:
         with env.begin() as txn:
@@ -201,7 +201,7 @@ def _read_meta(store_path: Path) -> Optional[dict]:
     except (lmdb.Error, ValueError):
         return None
     finally:
-        env.close()
+        _release_env(key)
 
 
 def _write_report_file(report: ImageImportReport, path: Path) -> None:
@@ -328,16 +328,90 @@ def _build(src: _Source, store: Path, tokens: Optional[List[str]], fingerprint: 
 # --------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------
+# py-lmdb refuses to open one environment twice in a process, and (py-lmdb 3) also refuses to
+# reopen in a forked child an environment that was open in the parent. So readers of one store
+# share one handle per process, and every handle is closed just before a fork (readers reopen
+# lazily afterwards, in the parent and in the child).
+_ENVS: Dict[tuple, "lmdb.Environment"] = {}
+_REFS: Dict[tuple, int] = {}
+_ENVS_LOCK = threading.RLock()
+
+
+def _env_key(path: Path) -> tuple:
+    st = (path / "data.mdb").stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino)
+
+
+def _get_env(key: tuple, path: Path) -> "lmdb.Environment":
+    with _ENVS_LOCK:
+        env = _ENVS.get(key)
+        if env is None:
+            try:
+                env = lmdb.open(str(path), readonly=True, lock=False, subdir=True,
+                                readahead=False, max_readers=2048)
+            except lmdb.Error as exc:
+                raise ImageStoreError(f"{path}: cannot open image store ({exc})") from None
+            _ENVS[key] = env
+        return env
+
+
+def _acquire_env(path: Path) -> Tuple[tuple, "lmdb.Environment"]:
+    key = _env_key(path)
+    with _ENVS_LOCK:
+        env = _get_env(key, path)
+        _REFS[key] = _REFS.get(key, 0) + 1
+        return key, env
+
+
+def _release_env(key: tuple) -> None:
+    with _ENVS_LOCK:
+        n = _REFS.get(key, 0) - 1
+        if n > 0:
+            _REFS[key] = n
+            return
+        _REFS.pop(key, None)
+        env = _ENVS.pop(key, None)
+        if env is not None:
+            env.close()
+
+
+def _close_all_before_fork() -> None:
+    _ENVS_LOCK.acquire()
+    try:
+        for env in _ENVS.values():
+            env.close()
+        _ENVS.clear()
+    except BaseException:
+        _ENVS_LOCK.release()
+        raise
+
+
+def _after_fork_in_parent() -> None:
+    _ENVS_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    global _ENVS_LOCK
+    _ENVS_LOCK = threading.RLock()
+    _ENVS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_all_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+
+
 class ImageStore:
     """Read-only access to a store made by :func:`import_images`.
 
     ``token in store``, ``len(store)``, ``store.keys()``, ``get_bytes``, ``get_image`` (RGB),
-    ``get_images``. Opens without locks (the store never changes once complete), and reopens
-    lazily in a new process (after ``fork`` or unpickling)."""
+    ``get_images``. Opens without locks (the store never changes once complete); several
+    processes may read one store. Handles are shared within a process, closed before ``fork``
+    and reopened lazily, so a store object can be used in DataLoader workers (fork or spawn)."""
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
-        self._env = None
+        self._key = None
         self._pid = None
         self._open()
 
@@ -346,38 +420,36 @@ class ImageStore:
         if not (p / "data.mdb").is_file():
             raise ImageStoreError(f"{p}: not an image store (no LMDB data.mdb; build it with "
                                   f"`python -m recbole_iisan.prepare ... --images SOURCE`)")
+        key, env = _acquire_env(p)
         try:
-            env = lmdb.open(str(p), readonly=True, lock=False, subdir=True, readahead=False,
-                            max_readers=2048)
-        except lmdb.Error as exc:
-            raise ImageStoreError(f"{p}: cannot open image store ({exc})") from None
-        with env.begin() as txn:
-            raw = txn.get(META_KEY)
-        if raw is None:
-            env.close()
-            raise ImageStoreError(f"{p}: incomplete image store (no {META_KEY.decode()} key; "
-                                  f"import the images again)")
-        try:
-            self.meta = json.loads(raw)
-        except ValueError:
-            env.close()
-            raise ImageStoreError(f"{p}: image store has an unreadable "
-                                  f"{META_KEY.decode()} key") from None
-        self._env, self._pid = env, os.getpid()
+            with env.begin() as txn:
+                raw = txn.get(META_KEY)
+            if raw is None:
+                raise ImageStoreError(f"{p}: incomplete image store (no {META_KEY.decode()} "
+                                      f"key; import the images again)")
+            try:
+                self.meta = json.loads(raw)
+            except ValueError:
+                raise ImageStoreError(f"{p}: image store has an unreadable "
+                                      f"{META_KEY.decode()} key") from None
+        except BaseException:
+            _release_env(key)
+            raise
+        self._key, self._pid = key, os.getpid()
 
     @property
     def env(self) -> "lmdb.Environment":
-        if self._env is None or self._pid != os.getpid():
-            self._env = None  # an env inherited through fork must not be used (or closed)
+        if self._key is None or self._pid != os.getpid():
+            self._key = None  # closed, or a reference inherited through fork
             self._open()
-        return self._env
+        return _get_env(self._key, self.path)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
         self.path = Path(state["path"])
-        self._env = None
+        self._key = None
         self._pid = None
         self._open()
 
@@ -420,9 +492,15 @@ class ImageStore:
         return out
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
+        if self._key is not None and self._pid == os.getpid():
+            _release_env(self._key)
+        self._key = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> "ImageStore":
         return self

