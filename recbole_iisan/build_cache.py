@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import yaml
 
-PROPERTIES = Path(__file__).resolve().parents[1] / "properties"
 
 
 def _parse_value(text: str) -> Any:
@@ -61,18 +60,12 @@ def build_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 value = "True"
         overrides[key] = _parse_value(value)
         i += 1
-    files = [PROPERTIES / "overall.yaml"]
-    if args.model:
-        files.append(PROPERTIES / f"{args.model}.yaml")
-    files.append(PROPERTIES / f"{args.dataset}.yaml")
+    from recbole_iisan.config import config_file_list
+
+    user_files = [part.strip() for f in args.config_files for part in str(f).split(",") if part.strip()]
     config: dict[str, Any] = {}
-    for f in files:
-        if f.is_file():
-            config.update(_load_yaml(f))
-    for f in args.config_files:
-        for part in str(f).split(","):
-            if part.strip():
-                config.update(_load_yaml(Path(part.strip())))
+    for f in config_file_list(args.model or "IISANVA", args.dataset, user_files):
+        config.update(_load_yaml(Path(f)))
     config.update(overrides)
     config["dataset"] = args.dataset
     if args.model:
@@ -87,6 +80,9 @@ def build_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         config.setdefault("data_path", "dataset/")
     config.setdefault("device", "cpu")
+    from recbole_iisan.data.towers import resolve_towers
+
+    resolve_towers(config)
     return config
 
 

@@ -30,7 +30,7 @@ PLUGIN_MODELS: dict[str, str] = {
     "BitFit": "recbole_iisan.model.baselines:BitFit",
 }
 
-_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\((\w+)\)")
+_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,]+)\)")
 _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float, int),
@@ -82,31 +82,40 @@ def config_file_list(model: str, dataset: str, user_files: Optional[Iterable[str
 
 
 def typed_keys(files: Optional[Iterable[str]] = None) -> dict[str, str]:
-    """key -> type name, from the typed comments of the properties yaml files."""
-    files = files if files is not None else sorted(PROPERTIES_DIR.glob("*.yaml"))
-    types: dict[str, str] = {}
+    """key -> accepted type names (``"int"``, ``"str|list"``), from the typed comments of the
+    properties yaml files (``# (int) ...``, ``# (str or list) ...``); declarations of one key
+    in several files are united."""
+    files = files if files is not None else sorted(PROPERTIES_DIR.rglob("*.yaml"))
+    types: dict[str, set[str]] = {}
     for f in files:
         for line in Path(f).read_text().splitlines():
             m = _TYPED_COMMENT.match(line)
-            if m and m.group(2) in _TYPES:
-                types.setdefault(m.group(1), m.group(2))
-    return types
+            if not m:
+                continue
+            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t}
+            if names and names <= set(_TYPES):
+                types.setdefault(m.group(1), set()).update(names)
+    return {k: "|".join(sorted(v)) for k, v in types.items()}
 
 
 def check_types(config: Any, types: Optional[dict[str, str]] = None) -> None:
     """Raise PluginConfigError for the first documented key whose value has the wrong type."""
     types = types if types is not None else typed_keys()
-    for key, tname in types.items():
+    for key, tnames in types.items():
         try:
             value = config[key]
         except KeyError:
             continue
         if value is None:
             continue
-        ok = isinstance(value, _TYPES[tname]) and not (tname in ("int", "float") and isinstance(value, bool))
+        ok = False
+        for tname in tnames.split("|"):
+            if isinstance(value, _TYPES[tname]) and not (tname in ("int", "float") and isinstance(value, bool)):
+                ok = True
         if not ok:
+            expected = " or ".join(tnames.split("|"))
             raise PluginConfigError(
-                f"config key '{key}' must be {tname}, got {value!r} ({type(value).__name__})"
+                f"config key '{key}' must be {expected}, got {value!r} ({type(value).__name__})"
             )
 
 
@@ -126,4 +135,7 @@ def build_config(
         config_dict=dict(config_dict or {}),
     )
     check_types(config)
+    from recbole_iisan.data.towers import resolve_towers
+
+    resolve_towers(config)
     return config

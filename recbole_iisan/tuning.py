@@ -355,7 +355,10 @@ def _search_alg(name: str, metric: str, max_concurrent: int, seed: Optional[int]
 
 
 def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
-    """Join ``address`` or start a local instance; returns whether this call started Ray."""
+    """Join ``address`` or start a local instance; returns whether this call started Ray.
+
+    Trials' RecBole logs stay in their trial folders (``<trial>/log/``), not on the driver's
+    console; errors still reach it (Ray Tune prints them, and the final table has them)."""
     import ray
 
     if ray.is_initialized():
@@ -363,10 +366,10 @@ def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     env = {"env_vars": {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}}
     if address:
         getLogger().info(f"joining the Ray cluster at {address}")
-        ray.init(address=address, runtime_env=env)
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
-                 configure_logging=True, logging_level="warning")
+                 configure_logging=True, logging_level="warning", log_to_driver=False)
     return True
 
 

@@ -180,3 +180,34 @@ def test_real_posters(tmp_path):
             assert img.size == ref.size and np.array_equal(np.asarray(img), np.asarray(ref))
             assert store.get_bytes(p.stem) == p.read_bytes()
 
+
+
+def _read_pickled(store: ImageStore) -> bytes:
+    return store.get_bytes("a")
+
+
+_INHERITED = {}
+
+
+def _read_inherited(_) -> bytes:
+    return _INHERITED["store"].get_bytes("b")
+
+
+def test_store_after_fork(image_dir, tmp_path):
+    """DataLoader-style use: the store goes to forked workers, pickled or inherited."""
+    import multiprocessing as mp
+
+    store_path = tmp_path / "store.lmdb"
+    import_images(image_dir, store_path, item_tokens=TOKENS, progress=False)
+    with ImageStore(store_path) as store:
+        store.get_bytes("a")  # the parent's handle is open and used before the fork
+        _INHERITED["store"] = store
+        try:
+            with mp.get_context("fork").Pool(2) as pool:
+                pickled = pool.map_async(_read_pickled, [store, store]).get(timeout=60)
+                inherited = pool.map_async(_read_inherited, [0, 1]).get(timeout=60)
+        finally:
+            _INHERITED.clear()
+        assert pickled == [(image_dir / "a.png").read_bytes()] * 2
+        assert inherited == [(image_dir / "b.JPG").read_bytes()] * 2
+        assert store.get_bytes("b") == (image_dir / "b.JPG").read_bytes()  # parent still reads

@@ -93,14 +93,17 @@ def cache_root(config: Mapping) -> Path:
                              f"choose another or leave cache_dir unset")
         return root
     default = dataset_dir(config) / "cache"
-    if _writable(default):
+    # never write into an installed package (RecBole's bundled ml-100k lives in site-packages)
+    in_package = any(part in ("site-packages", "dist-packages") for part in default.resolve().parts)
+    if not in_package and _writable(default):
         logger.info(f"cache folder: {default}")
         return default
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     fallback = Path(xdg) / "recbole_iisan" / str(_get(config, "dataset", "dataset"))
     if not _writable(fallback):
         raise CacheError(f"neither {default} nor {fallback} is writable: set config key 'cache_dir'")
-    logger.info(f"cache folder: {fallback} ({default} is not writable)")
+    why = "inside an installed package" if in_package else "not writable"
+    logger.info(f"cache folder: {fallback} ({default} is {why})")
     return fallback
 
 

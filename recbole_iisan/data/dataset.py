@@ -75,7 +75,7 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
 
         paths = cache_mod.ensure_caches(self.config)
         specs = {s.name: s for s in cache_mod.tower_specs_for(self.config)}
-        layers = cache_mod.required_layers(self.config, list(specs.values()))
+        layers = cache_mod.model_layers(self.config, list(specs.values()))
         dtype = getattr(torch, str(_config_get(self.config, "cache_dtype", "float16")))
         # internal id -> token; row 0 is the padding token "[PAD]"
         tokens = [str(t) for t in self.field2id_token[self.iid_field][1:]]

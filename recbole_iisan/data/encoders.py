@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -443,12 +443,6 @@ def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> Fr
     return FrozenEncoder(name, tower, model, info, pooling, getattr(spec, "max_length", 30), device,
                          is_image, tokenizer=tokenizer, image_processor=processor, path=path,
                          load_kwargs=kwargs)
-
-
-def iter_batches(items: Sequence[Any], batch_size: int) -> Iterable[tuple[int, Sequence[Any]]]:
-    """``(start, items[start:start + batch_size])`` over a sequence."""
-    for start in range(0, len(items), batch_size):
-        yield start, items[start:start + batch_size]
 
 
 __all__ = [

@@ -98,3 +98,20 @@ def tower_specs(config: Mapping, item_fields: list[str] | None = None) -> list[T
         max_length = int(_get(config, f"{name}_max_length", default_len))
         specs.append(TowerSpec(name, "text", str(encoder), tuple(fields), max_length, pooling))
     return specs
+
+
+def resolve_towers(config: Any) -> list[str]:
+    """Apply the one rule that changes the towers: with ``image_dir`` set and no ``image`` tower
+    configured, the second tower becomes the image tower (``--image_dir`` turns a two-text-tower
+    default into text + image). Works on a RecBole Config or a dict; returns the tower names."""
+    names = _get(config, "towers", ["text", "image"])
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    if _get(config, "image_dir") and "image" not in names and len(names) == 2:
+        import logging
+
+        logging.getLogger().info(f"image_dir is set: towers {names} -> {[names[0], 'image']}")
+        names = [names[0], "image"]
+    config["towers"] = names
+    return names
