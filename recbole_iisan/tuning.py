@@ -58,6 +58,8 @@ STATUS_COMPLETED = "completed"
 STATUS_STOPPED = "stopped early by ASHA"
 STATUS_INTERRUPTED = "interrupted (continue with --resume)"
 FINAL_KEY = "trial_finished"
+#: quick_start.run's result file in each trial folder (Ray Tune's own is result.json, JSON lines)
+RESULT_FILE = "recbole_result.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +304,7 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
     try:
         trial_dir = os.getcwd()
         result = quick_start.run(model, dataset, config_files, cd, saved=True, evaluate_test=True,
-                                 result_file=os.path.join(trial_dir, "result.json"), callback_fn=report)
+                                 result_file=os.path.join(trial_dir, RESULT_FILE), callback_fn=report)
     finally:
         sys.argv = saved_argv
     final = {
@@ -315,6 +317,7 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
         "train_seconds_per_epoch": result.get("train_seconds_per_epoch"),
         "trainable_parameters": result.get("trainable_parameters"),
         "checkpoint": result.get("checkpoint") and os.path.abspath(result["checkpoint"]),
+        "result_file": os.path.abspath(result.get("result_file") or RESULT_FILE),
     }
     session.report(final)
 
@@ -639,6 +642,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
           + "\n  valid: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items())
           + "\n  test:  " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
           + (f"\n  checkpoint: {last.get('checkpoint')}" if last.get("checkpoint") else "")
+          + (f"\n  result file: {last.get('result_file')}" if last.get("result_file") else "")
           + f"\nbest configuration: {best_path}", file=out, flush=True)
     summary.update({"best": {"trial": best["trial"], "valid": valid, "test": test, "config": values,
                              "checkpoint": last.get("checkpoint")},

@@ -16,8 +16,9 @@ SCIENTIFIC_RAW = SHARED / "datasets" / "Scientific"
 POSTERS = SHARED / "datasets" / "ml-100k-posters"
 DINOV2 = SHARED / "models" / "dinov2-small"
 
-WORDS = ("digital meter probe glass beaker lab scale tube acid steel clamp thermometer pipette "
-         "microscope slide filter funnel flask magnetic stirrer gloves").split()
+# the vocabulary of the tiny test tokenizers (tests/test_encoders.py), so titles differ after tokenising
+WORDS = ("the a red blue green pipette tube glass flask lab digital scale meter set of 10 ml box "
+         "steel clamp").split()
 
 
 def write_tiny_dataset(root: Path, name: str = "tiny", n_users: int = 60, n_items: int = 40,
@@ -34,7 +35,7 @@ def write_tiny_dataset(root: Path, name: str = "tiny", n_users: int = 60, n_item
         lines += [f"u{u}\ti{it}\t{t}" for t, it in enumerate(items)]
     (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
     items = ["item_id:token\ttitle:token_seq"]
-    items += [f"i{i}\t{' '.join(rng.sample(WORDS, 3))} {i}" for i in range(n_items)]
+    items += [f"i{i}\t{' '.join(rng.sample(WORDS, 4))}" for i in range(n_items)]
     (folder / f"{name}.item").write_text("\n".join(items) + "\n")
     return folder
 

@@ -1,6 +1,7 @@
 """Ray Tune search: hyper.test parsing, and a real 2-trial search with a local Ray on CPU."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -204,6 +205,11 @@ def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
     exp = tmp_path / "ray_results" / "t"
     best = exp / "best_config.yaml"
     assert best.is_file() and (exp / "trials.csv").is_file()
+    # each finished trial keeps RecBole's result next to (not over) Ray Tune's JSON-lines result.json
+    finished = list(exp.glob("*/recbole_result.json"))
+    assert finished and all(json.loads(f.read_text())["test_result"] for f in finished)
+    for f in exp.glob("*/result.json"):
+        assert all(json.loads(line) for line in f.read_text().splitlines())
     cfg = yaml.safe_load(best.read_text())
     assert {"learning_rate", "hidden_dropout_prob"} <= set(cfg)
     assert math.exp(-7) <= cfg["learning_rate"] <= math.exp(-4) and cfg["hidden_dropout_prob"] in (0.1, 0.3)
