@@ -329,11 +329,10 @@ def _search_alg(name: str, metric: str, max_concurrent: int, seed: Optional[int]
     name = (name or "random").lower()
     alg = None
     if name == "random":
-        if max_concurrent > 0:
-            from ray.tune.search import BasicVariantGenerator
+        from ray.tune.search import BasicVariantGenerator
 
-            return BasicVariantGenerator(max_concurrent=max_concurrent)
-        return None
+        # seeded by the config's seed: the same command samples the same configurations
+        return BasicVariantGenerator(max_concurrent=max(0, max_concurrent), random_state=seed)
     if name == "hyperopt":
         try:
             from ray.tune.search.hyperopt import HyperOptSearch
