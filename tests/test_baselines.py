@@ -20,7 +20,7 @@ from recbole_iisan.efficiency import tpme
 from recbole_iisan.model.baselines import BitFit, FFT, IISANUncached, LoRA, Adapter
 from recbole_iisan.quick_start import create_dataset
 
-from conftest import write_tiny_dataset
+from conftest import WORDS, write_tiny_dataset
 
 N_ITEMS = 24
 
@@ -31,8 +31,7 @@ def env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("baselines")
     torch.manual_seed(0)
-    words = sorted(set("digital meter probe glass beaker lab scale tube acid steel clamp thermometer pipette "
-                       "microscope slide filter funnel flask magnetic stirrer gloves".split()))
+    words = sorted(set(WORDS))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [str(i) for i in range(N_ITEMS)]
     bert_dir = root / "bert"
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(bert_dir)

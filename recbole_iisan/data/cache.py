@@ -88,6 +88,8 @@ def cache_root(config: Mapping) -> Path:
     explicit = _get(config, "cache_dir")
     if explicit:
         root = Path(os.path.expanduser(str(explicit)))
+        if str(_get(config, "cache_rebuild", "auto")) == "never" and root.is_dir():
+            return root  # read-only use (tuning trials, a shared cluster folder): nothing is written
         if not _writable(root):
             raise CacheError(f"config key 'cache_dir': {root} is not a writable folder; "
                              f"choose another or leave cache_dir unset")
