@@ -50,6 +50,22 @@ DEFAULT_IISAN_LR = {"text_sanb": 1e-4, "image_sanb": 1e-4, "image_head": 1e-4, "
 LR_GROUPS = ("recsys", "text_sanb", "image_sanb", "image_head", "text_head")
 
 
+STATE_NORMS = ("none", "dim")
+
+
+def standardize_states(states: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per hidden-state row and dimension, standardise the frozen states over the real items
+    (row 0, the padding item, stays zero): ``(h - mean) / std``. A fixed, non-trainable
+    preprocessing for encoders with massive activations (decoder LLMs: SmolLM2's middle layers
+    reach |h| ~ 2e4 on the first token), which otherwise dominate the towers' gated sums."""
+    real = states[1:].float()
+    mean = real.mean(dim=0, keepdim=True)
+    std = real.std(dim=0, keepdim=True).clamp_min(eps)
+    out = torch.zeros_like(states)
+    out[1:] = ((real - mean) / std).to(states.dtype)
+    return out
+
+
 def _get(config: Any, key: str, default: Any = None) -> Any:
     try:
         value = config[key]
@@ -112,6 +128,9 @@ class IISANBase(SequentialRecommender):
         self.modality = str(_get(config, "modality", "intra_inter"))
         self.fusion_mode = str(_get(config, "fusion", "gated"))
         self.frozen_backbone = bool(_get(config, "frozen_backbone", False))
+        self.state_norm = str(_get(config, "state_norm", "none"))
+        if self.state_norm not in STATE_NORMS:
+            raise ValueError(f"config key 'state_norm': expected one of {list(STATE_NORMS)}, got {self.state_norm!r}")
         self.loss_type = str(_get(config, "loss_type", "inbatch"))
         self.paper_protocol = bool(_get(config, "paper_protocol", False))
         positions = str(_get(config, "loss_positions", "last"))
@@ -177,6 +196,8 @@ class IISANBase(SequentialRecommender):
         self.n_rows_a, self.dim_a = states[0].shape[1:]
         self.n_rows_b, self.dim_b = states[1].shape[1:]
         self._validate_towers()
+        if self.state_norm != "none":
+            states = [standardize_states(s) for s in states]
         # non-persistent: they follow .to(device) but stay out of checkpoints
         self.register_buffer("states_a", states[0], persistent=False)
         self.register_buffer("states_b", states[1], persistent=False)
