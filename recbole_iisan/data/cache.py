@@ -96,12 +96,13 @@ def cache_root(config: Mapping) -> Path:
         return root
     default = dataset_dir(config) / "cache"
     # never write into an installed package (RecBole's bundled ml-100k lives in site-packages)
-    in_package = any(part in ("site-packages", "dist-packages") for part in default.resolve().parts)
+    from recbole_iisan.data.images import in_installed_package, user_data_dir
+
+    in_package = in_installed_package(default)
     if not in_package and _writable(default):
         logger.info(f"cache folder: {default}")
         return default
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    fallback = Path(xdg) / "recbole_iisan" / str(_get(config, "dataset", "dataset"))
+    fallback = user_data_dir(str(_get(config, "dataset", "dataset")))
     if not _writable(fallback):
         raise CacheError(f"neither {default} nor {fallback} is writable: set config key 'cache_dir'")
     why = "inside an installed package" if in_package else "not writable"

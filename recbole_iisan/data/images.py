@@ -48,9 +48,28 @@ class ImageStoreError(PrepareError):
     """A path that is not a complete image store, or an unusable image source."""
 
 
+def user_data_dir(dataset: str) -> Path:
+    """The per-user folder for what cannot live beside a dataset:
+    ``$XDG_CACHE_HOME/recbole_iisan/<dataset>`` (default ``~/.cache/recbole_iisan/<dataset>``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "recbole_iisan" / dataset
+
+
+def in_installed_package(path: PathLike) -> bool:
+    """True for a path inside site-packages (RecBole reads its bundled ml-100k from there)."""
+    return any(part in ("site-packages", "dist-packages") for part in Path(path).resolve().parts)
+
+
 def default_image_store_path(data_path: PathLike, dataset: str) -> Path:
-    """``<data_path>/<dataset>/<dataset>_images.lmdb`` (an LMDB environment directory)."""
-    return Path(data_path) / dataset / f"{dataset}_images.lmdb"
+    """``<data_path>/<dataset>/<dataset>_images.lmdb`` (an LMDB environment directory), or, for a
+    dataset RecBole reads from its installed package (``ml-100k``, whatever ``data_path`` says),
+    ``user_data_dir(dataset)/<dataset>_images.lmdb``: never inside site-packages, and the same
+    place for ``prepare --images`` and for the run."""
+    folder = Path(data_path) / dataset
+    bundled = dataset == "ml-100k" and not (folder / f"{dataset}.inter").is_file()
+    if bundled or in_installed_package(folder):
+        return user_data_dir(dataset) / f"{dataset}_images.lmdb"
+    return folder / f"{dataset}_images.lmdb"
 
 
 @dataclass
