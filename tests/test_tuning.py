@@ -177,8 +177,6 @@ def local_ray():
 
 
 def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
-    import time
-
     from recbole_iisan import cli
 
     _tiny_dataset(tmp_path / "data")
@@ -189,12 +187,9 @@ def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
             f"--data_path={tmp_path / 'data'}", "--epochs=2", "--hidden_size=16", "--inner_size=32",
             "--n_layers=1", "--n_heads=1", "--train_batch_size=64", "--eval_batch_size=256", "--state=warning"]
     monkeypatch.setattr(sys, "argv", ["run_recbole_iisan.py"] + argv)
-    t0 = time.perf_counter()
     rc = cli.main(argv)
-    elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert elapsed < 120, elapsed
 
     table = [l for l in out.splitlines() if l.startswith("| ")]
     assert table[0].startswith("| trial | learning_rate | hidden_dropout_prob | best valid ndcg@10 |")
