@@ -25,16 +25,11 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_iisan.config import PluginConfigError, build_config, get_model_class
 from recbole_iisan.data.dataset import MultimodalSequentialDataset, ProtocolSequentialDataset
 from recbole_iisan.trainer import PluginTrainer
+from recbole_iisan.utils import config_get as _get
 
 RAW_PATTERNS = ("am_*_users*.tsv", "*_items.tsv")
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 def needs_item_states(model_class: type) -> bool:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from recbole_iisan.config import PluginConfigError
+from recbole_iisan.utils import config_get as _cfg
 
 HYPER_TYPES = ("choice", "uniform", "loguniform", "quniform")
 
@@ -221,12 +222,6 @@ def native(value: Any) -> Any:
     return value
 
 
-def _cfg(config: Any, key: str, default: Any = None) -> Any:
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 def absolute_paths(config: Any, fixed: dict) -> dict:

@@ -33,6 +33,7 @@ import torch
 from recbole_iisan.data import encoders as _enc
 from recbole_iisan.data.towers import TowerSpec, tower_specs
 from recbole_iisan.model.layer_select import tower_layers_from_config
+from recbole_iisan.utils import config_get as _get
 
 logger = logging.getLogger("recbole_iisan.cache")
 
@@ -46,12 +47,6 @@ class CacheError(RuntimeError):
     """A user-facing cache problem; the message is one line naming the config key or path."""
 
 
-def _get(config: Mapping, key: str, default: Any = None) -> Any:
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,16 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset
+from recbole_iisan.utils import config_get as _config_get
 
 logger = logging.getLogger()
 
 
-def _config_get(config: Any, key: str, default: Any = None) -> Any:
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 class ProtocolSequentialDataset(SequentialDataset):

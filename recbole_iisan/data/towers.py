@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from recbole_iisan.utils import config_get as _get
 
 POOLINGS = ("auto", "cls", "mean", "last", "mean_unmasked")
 DEFAULT_TITLE_FIELDS = ("title", "movie_title")
@@ -43,12 +44,6 @@ class TowerSpec:
         return self.kind == "image"
 
 
-def _get(config: Mapping, key: str, default: Any = None) -> Any:
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 def tower_specs(config: Mapping, item_fields: list[str] | None = None) -> list[TowerSpec]:

@@ -43,6 +43,7 @@ from recbole_iisan.model.loss import (
     popularity_log_prob,
 )
 from recbole_iisan.model.trainer import IISANTrainer
+from recbole_iisan.utils import config_get as _get
 
 MODALITIES = ("intra_inter", "intra", "inter")
 MIXED_PRECISION = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,12 +67,6 @@ def standardize_states(states: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return out
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 def _n_params(module: Optional[nn.Module]) -> int:
