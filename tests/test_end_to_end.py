@@ -146,3 +146,12 @@ def test_image_model_without_images_is_one_clear_line(tiny_data: Path, tmp_path:
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == cli.EXIT_BAD_INPUT
     assert len(err) == 1 and "image" in err[0] and "--image_dir" in err[0]
+
+
+def test_iisanvs_on_towers_of_different_size_is_one_clear_line(tiny_data: Path, tmp_path: Path, encoders: dict,
+                                                               capsys) -> None:
+    code = cli.main(["--model=IISANVS", "--dataset=tiny",
+                     *_args(tiny_data, tmp_path, encoders, f"--text_encoder={encoders['llama']}")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == cli.EXIT_BAD_INPUT
+    assert len(err) == 1 and "IISANVS needs" in err[0] and "IISANVA" in err[0]

@@ -26,6 +26,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.layers import TransformerEncoder
 from recbole.utils import InputType
 
+from recbole_iisan.config import PluginConfigError
 from recbole_iisan.model.layers import (
     FUSIONS,
     HEAD_TYPES,
@@ -125,7 +126,7 @@ class IISANBase(SequentialRecommender):
         self.frozen_backbone = bool(_get(config, "frozen_backbone", False))
         self.state_norm = str(_get(config, "state_norm", "none"))
         if self.state_norm not in STATE_NORMS:
-            raise ValueError(f"config key 'state_norm': expected one of {list(STATE_NORMS)}, got {self.state_norm!r}")
+            raise PluginConfigError(f"config key 'state_norm': expected one of {list(STATE_NORMS)}, got {self.state_norm!r}")
         self.loss_type = str(_get(config, "loss_type", "inbatch"))
         self.paper_protocol = bool(_get(config, "paper_protocol", False))
         positions = str(_get(config, "loss_positions", "last"))
@@ -147,7 +148,7 @@ class IISANBase(SequentialRecommender):
         lrs["recsys"] = _get(config, "learning_rate", 2e-4)
         for k, v in dict(_get(config, "iisan_lr", {}) or {}).items():
             if k not in LR_GROUPS:
-                raise ValueError(f"iisan_lr: unknown group {k!r}; the groups are {LR_GROUPS}")
+                raise PluginConfigError(f"iisan_lr: unknown group {k!r}; the groups are {LR_GROUPS}")
             lrs[k] = v
         self.iisan_lr = {k: float(v) for k, v in lrs.items()}
 
@@ -162,7 +163,7 @@ class IISANBase(SequentialRecommender):
         ]
         for key, value, allowed in checks:
             if value not in allowed:
-                raise ValueError(f"config key '{key}': expected one of {list(allowed)}, got {value!r}")
+                raise PluginConfigError(f"config key '{key}': expected one of {list(allowed)}, got {value!r}")
 
     def _attach_states(self, dataset) -> None:
         missing = [a for a in ("towers", "item_states", "item_state_layers") if not hasattr(dataset, a)]
@@ -173,18 +174,18 @@ class IISANBase(SequentialRecommender):
             )
         towers = list(dataset.towers)
         if len(towers) != 2:
-            raise ValueError(f"IISAN needs exactly two towers, the dataset has {towers}")
+            raise PluginConfigError(f"IISAN needs exactly two towers, the dataset has {towers}")
         self.towers = towers
         self.tower_a, self.tower_b = towers
         states = [dataset.item_states[t] for t in towers]
         for t, s in zip(towers, states):
             if s.dim() != 3 or s.size(0) != self.n_items:
-                raise ValueError(
+                raise PluginConfigError(
                     f"tower '{t}': item states must be [n_items={self.n_items}, n_rows, dim], got {list(s.shape)}"
                 )
             rows = list(dataset.item_state_layers[t])
             if len(rows) != s.size(1):
-                raise ValueError(f"tower '{t}': {s.size(1)} state rows but item_state_layers lists {rows}")
+                raise PluginConfigError(f"tower '{t}': {s.size(1)} state rows but item_state_layers lists {rows}")
         self.state_layers = {t: list(dataset.item_state_layers[t]) for t in towers}
         depths = dict(getattr(dataset, "encoder_depths", {}) or {})
         self.encoder_depths = {t: int(depths[t]) for t in towers if t in depths}
@@ -468,14 +469,14 @@ class IISANVS(IISANBase):
 
     def _validate_towers(self) -> None:
         if self.dim_a != self.dim_b or self.n_rows_a != self.n_rows_b:
-            raise ValueError(
+            raise PluginConfigError(
                 f"IISANVS needs towers of equal width and row count; got {self.tower_a} "
                 f"[{self.n_rows_a} rows x {self.dim_a}] and {self.tower_b} [{self.n_rows_b} rows x {self.dim_b}]. "
                 "Use IISANVA for encoders of different sizes."
             )
         depths = self.encoder_depths
         if len(depths) == 2 and len(set(depths.values())) != 1:
-            raise ValueError(
+            raise PluginConfigError(
                 f"IISANVS needs encoders of equal depth, got {depths}. Use IISANVA for encoders of different sizes."
             )
 
