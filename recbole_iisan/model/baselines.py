@@ -157,17 +157,8 @@ class BackboneRecommender(IISANBase):
     def _attach_states(self, dataset) -> None:
         from recbole_iisan.data.encoders import resolve_pooling
 
-        missing = [a for a in ("towers", "item_inputs", "tower_specs") if not hasattr(dataset, a)]
-        if missing:
-            raise TypeError(
-                f"{type(self).__name__} needs a dataset with raw item inputs (missing {missing}); "
-                "build it with recbole_iisan.data.raw_inputs.RawInputSequentialDataset"
-            )
-        towers = list(dataset.towers)
-        if len(towers) != 2:
-            raise ValueError(f"{type(self).__name__} needs exactly two towers, the dataset has {towers}")
-        self.towers = towers
-        self.tower_a, self.tower_b = towers
+        towers = self._take_towers(dataset, ("towers", "item_inputs", "tower_specs"), "raw item inputs",
+                                   "recbole_iisan.data.raw_inputs.RawInputSequentialDataset")
         self.specs = {t: dataset.tower_specs[t] for t in towers}
         backbones, infos = {}, {}
         for t in towers:

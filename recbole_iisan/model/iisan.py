@@ -165,18 +165,25 @@ class IISANBase(SequentialRecommender):
             if value not in allowed:
                 raise PluginConfigError(f"config key '{key}': expected one of {list(allowed)}, got {value!r}")
 
-    def _attach_states(self, dataset) -> None:
-        missing = [a for a in ("towers", "item_states", "item_state_layers") if not hasattr(dataset, a)]
+    def _take_towers(self, dataset, needed: tuple, what: str, dataset_class: str) -> list:
+        """Check that ``dataset`` has the attributes this model reads and two towers; set
+        ``towers``, ``tower_a``, ``tower_b`` (shared by the cached and the in-the-loop models)."""
+        missing = [a for a in needed if not hasattr(dataset, a)]
         if missing:
             raise TypeError(
-                f"{type(self).__name__} needs a dataset with cached item states (missing {missing}); "
-                "build it with recbole_iisan.data.dataset.MultimodalSequentialDataset"
+                f"{type(self).__name__} needs a dataset with {what} (missing {missing}); "
+                f"build it with {dataset_class}"
             )
         towers = list(dataset.towers)
         if len(towers) != 2:
-            raise PluginConfigError(f"IISAN needs exactly two towers, the dataset has {towers}")
+            raise PluginConfigError(f"{type(self).__name__} needs exactly two towers, the dataset has {towers}")
         self.towers = towers
         self.tower_a, self.tower_b = towers
+        return towers
+
+    def _attach_states(self, dataset) -> None:
+        towers = self._take_towers(dataset, ("towers", "item_states", "item_state_layers"), "cached item states",
+                                   "recbole_iisan.data.dataset.MultimodalSequentialDataset")
         states = [dataset.item_states[t] for t in towers]
         for t, s in zip(towers, states):
             if s.dim() != 3 or s.size(0) != self.n_items:
