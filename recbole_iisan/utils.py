@@ -1,16 +1,71 @@
-"""Small helpers shared by the plugin's modules."""
+"""Small helpers shared by the plugin's modules: config access and atomic file writes."""
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 def config_get(config: Any, key: str, default: Any = None) -> Any:
     """``config[key]``, or ``default`` when the key is absent or ``None``.
 
-    Works on a RecBole ``Config`` (which raises ``KeyError`` for unknown keys only in some
-    versions and returns ``None`` in others) and on a plain dict alike."""
+    Works on a RecBole ``Config`` and on a plain dict alike."""
     try:
         value = config[key]
     except KeyError:
         return default
     return default if value is None else value
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in the target folder, fsync it, then rename it into
+    place: a reader sees the old file or the new one, never half of one. Returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN / Infinity: non-finite floats become ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
+    """Strict JSON (non-finite floats written as null), written atomically."""
+    text = json.dumps(_finite(obj), indent=indent, sort_keys=False, default=str, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
