@@ -62,19 +62,6 @@ def _config_dict(args: argparse.Namespace) -> dict:
     return d
 
 
-def _user_errors() -> tuple[type, ...]:
-    from recbole_iisan.config import PluginConfigError
-
-    errors: list[type] = [PluginConfigError, FileNotFoundError]
-    for mod, name in [("recbole_iisan.data.cache", "CacheError"), ("recbole_iisan.data.encoders", "EncoderLoadError"),
-                      ("recbole_iisan.data.prepare", "PrepareError"), ("recbole_iisan.data.towers", "TowerConfigError")]:
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def _run_in_subprocess(model: str, dataset: str, config_files, config_dict) -> dict:
     """One compared model in a fresh process, so its peak memory is its own."""
     import torch.multiprocessing as mp
@@ -166,7 +153,8 @@ def _main(args: argparse.Namespace, rest: list[str]) -> int:
     import recbole_iisan  # noqa: F401  (applies the compat shims)
     from recbole_iisan import quick_start
 
-    errors = _user_errors()
+    from recbole_iisan.errors import UserError
+
     try:
         if args.tune:
             from recbole_iisan.tuning import main as tune_main
@@ -203,6 +191,6 @@ def _main(args: argparse.Namespace, rest: list[str]) -> int:
               + f" | {result['trainable_parameters']:,} trainable parameters"
               + f" | {result['train_seconds_per_epoch']:.2f} s/epoch | result: {result['result_file']}")
         return 0
-    except errors as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

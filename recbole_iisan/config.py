@@ -41,8 +41,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-class PluginConfigError(ValueError):
-    """A model, dataset or config value that cannot be used; the message says which and why."""
+from recbole_iisan.errors import PluginConfigError  # noqa: F401  (re-exported)
 
 
 def plugin_model_names() -> list[str]:

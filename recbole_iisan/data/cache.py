@@ -43,8 +43,7 @@ COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
 
 
-class CacheError(RuntimeError):
-    """A user-facing cache problem; the message is one line naming the config key or path."""
+from recbole_iisan.errors import CacheError  # noqa: F401
 
 
 

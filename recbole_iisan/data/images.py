@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import lmdb
 from PIL import Image
 
-from recbole_iisan.data.prepare import PrepareError
+from recbole_iisan.errors import ImageStoreError, PrepareError  # noqa: F401
 
 logger = logging.getLogger("recbole_iisan.images")
 
@@ -44,8 +44,6 @@ _COMMIT_EVERY = 512
 _VERIFY_BATCH = 64
 
 
-class ImageStoreError(PrepareError):
-    """A path that is not a complete image store, or an unusable image source."""
 
 
 def user_data_dir(dataset: str) -> Path:

@@ -53,10 +53,7 @@ UNKNOWN_ITEM_POLICIES = ("error", "drop")
 _WS = re.compile(r"\s+")
 
 
-class PrepareError(ValueError):
-    """Bad input to ``prepare``: a missing file, a malformed line, an unknown item, ...
-
-    The message is one line a person can act on (``<file>:<line>: <what was expected>``)."""
+from recbole_iisan.errors import PrepareError  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ POOLINGS = ("auto", "cls", "mean", "last", "mean_unmasked")
 DEFAULT_TITLE_FIELDS = ("title", "movie_title")
 
 
-class TowerConfigError(ValueError):
-    """A tower is configured wrongly; the message names the key."""
+from recbole_iisan.errors import TowerConfigError  # noqa: F401
 
 
 @dataclass(frozen=True)
