@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from recbole_iisan.data import encoders as enc  # noqa: E402
+from recbole_iisan.towers import encoders as enc  # noqa: E402
 from recbole_iisan.data.cache import ensure_cache, load_states  # noqa: E402
-from recbole_iisan.data.towers import TowerSpec  # noqa: E402
+from recbole_iisan.towers.spec import TowerSpec  # noqa: E402
 
 ITEMS = "/work/shared/datasets/Scientific/Industrial_and_Scientific_items.tsv"
 

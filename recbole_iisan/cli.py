@@ -14,16 +14,10 @@ model without images) ends in one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
-
-EXIT_BAD_INPUT = 2
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_recbole_iisan.py", description=__doc__.split("\n\n")[0],
@@ -62,13 +56,13 @@ def _config_dict(args: argparse.Namespace) -> dict:
     return d
 
 
-def _run_in_subprocess(model: str, dataset: str, config_files, config_dict) -> dict:
-    """One compared model in a fresh process, so its peak memory is its own."""
+def _run_in_subprocess(model: str, dataset: str, config_files, config_dict, overrides) -> dict:
+    """One compared model in a fresh process: its peak memory is its own (``VmHWM``)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    proc = ctx.Process(target=_compare_child, args=(model, dataset, config_files, config_dict, queue))
+    proc = ctx.Process(target=_compare_child, args=(model, dataset, config_files, config_dict, overrides, queue))
     proc.start()
     proc.join()
     if queue.empty():
@@ -76,121 +70,84 @@ def _run_in_subprocess(model: str, dataset: str, config_files, config_dict) -> d
     return queue.get()
 
 
-def _compare_child(model, dataset, config_files, config_dict, queue) -> None:
+def _compare_child(model, dataset, config_files, config_dict, overrides, queue) -> None:
     from recbole_iisan.quick_start import run
 
     try:
-        run(model, dataset, config_files, config_dict, queue=queue)
+        run(model, dataset, config_files, config_dict, overrides, queue=queue)
     except Exception as exc:  # reported in the table, the other models go on
         queue.put({"model": model, "error": f"{type(exc).__name__}: {exc}"})
 
 
-COLUMNS = ["model", "test Hit@10", "test NDCG@10", "trainable params", "train s/epoch", "peak memory MB",
-           "epochs to best", "epochs run"]
+def compare(models: Sequence[str], dataset: str, config_files, config_dict, overrides,
+            compare_file: Optional[str] = None, protocol: str = "RecBole protocol") -> int:
+    """``--compare``: inputs prepared once per model here, then each model in its own process;
+    one table whose metric columns are the configured ``metrics`` x ``topk``."""
+    from recbole_iisan import report
+    from recbole_iisan.config import build_config
+    from recbole_iisan.quick_start import prepare_inputs
 
-
-def compare_rows(results: Sequence[dict]) -> list[dict]:
-    rows = []
-    for r in results:
-        if "error" in r:
-            rows.append({"model": r["model"], "test Hit@10": "failed: " + r["error"][:80]})
-            continue
-        mem = r["peak_memory"]
-        peak = mem.get("cuda_max_allocated", mem.get("peak_rss", 0)) / 2**20
-        test = r.get("test_result") or {}
-        rows.append({
-            "model": r["model"],
-            "test Hit@10": f"{test.get('hit@10', float('nan')):.4f}",
-            "test NDCG@10": f"{test.get('ndcg@10', float('nan')):.4f}",
-            "trainable params": f"{r['trainable_parameters']:,}",
-            "train s/epoch": f"{r['train_seconds_per_epoch']:.2f}",
-            "peak memory MB": f"{peak:.0f}",
-            "epochs to best": str(r["best_epoch"]),
-            "epochs run": str(r["epochs_run"]),
-        })
-    return rows
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, p)
+    configs = [build_config(m, dataset, config_files, config_dict, overrides) for m in models]
+    for config in configs:  # bad names, types and metrics fail here, before anything runs
+        prepare_inputs(config)
+    results = [_run_in_subprocess(m, dataset, config_files, config_dict, overrides) for m in models]
+    metrics, topk = list(configs[0]["metrics"]), list(configs[0]["topk"])
+    columns = report.compare_columns(metrics, topk)
+    rows = report.compare_rows(results, metrics, topk)
+    path = compare_file or os.path.join("saved", f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+    report.write_csv(path, rows, columns)
+    print(f"\n{dataset}, {protocol}, test split (best validation epoch):\n{report.markdown_table(rows, columns)}"
+          f"\n\nwritten to {path}")
+    return 0 if all("error" not in r for r in results) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from recbole_iisan.errors import EXIT_USER_ERROR, UserError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = build_parser().parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        print(f"error: unrecognised argument(s) {bad}: config keys are given as --key=value", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    # RecBole's Config reads --key=value from sys.argv itself; leave it only the config keys.
-    saved_argv = sys.argv
-    sys.argv = [sys.argv[0]] + rest
     try:
-        return _main(args, rest)
-    finally:
-        sys.argv = saved_argv
+        from recbole_iisan.config import parse_overrides
+
+        overrides = parse_overrides(rest)
+        return _main(args, rest, overrides)
+    except (UserError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
-def _main(args: argparse.Namespace, rest: list[str]) -> int:
+def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
     config_files = args.config_files.split() if args.config_files else None
     config_dict = _config_dict(args)
 
     import recbole_iisan  # noqa: F401  (applies the compat shims)
     from recbole_iisan import quick_start
 
-    from recbole_iisan.errors import UserError
+    if args.tune:
+        from recbole_iisan.tuning import main as tune_main
 
-    try:
-        if args.tune:
-            from recbole_iisan.tuning import main as tune_main
+        return tune_main(args, overrides, config_files, config_dict)
+    if args.compare:
+        from recbole_iisan.config import get_model_class
 
-            return tune_main(args, rest, config_files, config_dict)
-        if args.compare:
-            models = [m.strip() for m in args.compare.split(",") if m.strip()]
-            from recbole_iisan.config import get_model_class
-
-            for m in models:
-                get_model_class(m)  # unknown names fail before anything runs
-            for m in models:
-                quick_start.prepare_inputs(m, args.dataset, config_files, config_dict)
-            results = [_run_in_subprocess(m, args.dataset, config_files, config_dict) for m in models]
-            rows = compare_rows(results)
-            table = markdown_table(rows)
-            path = args.compare_file or os.path.join("saved", f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
-            write_csv(path, rows)
-            proto = "paper protocol" if args.paper_protocol else "RecBole protocol"
-            print(f"\n{args.dataset}, {proto}, test split (best validation epoch):\n{table}\n\nwritten to {path}")
-            return 0 if all("error" not in r for r in results) else 1
-        if args.nproc > 1 or args.world_size > 0:
-            quick_start.run_distributed(args.model, args.dataset, config_files, config_dict, nproc=args.nproc,
-                                        world_size=args.world_size, ip=args.ip, port=args.port,
-                                        group_offset=args.group_offset, result_file=args.result_file)
-            return 0
-        if args.resume is True:
-            print("error: --resume needs a checkpoint path (--resume=saved/MODEL-....pth) outside --tune", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        result = quick_start.run(args.model, args.dataset, config_files, config_dict,
-                                 resume=args.resume, result_file=args.result_file)
-        test = result.get("test_result") or {}
-        print(f"{result['model']} on {result['dataset']}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
-              + f" | {result['trainable_parameters']:,} trainable parameters"
-              + f" | {result['train_seconds_per_epoch']:.2f} s/epoch | result: {result['result_file']}")
+        models = [m.strip() for m in args.compare.split(",") if m.strip()]
+        for m in models:
+            get_model_class(m)  # unknown names fail before anything runs
+        protocol = "paper protocol" if args.paper_protocol else "RecBole protocol"
+        return compare(models, args.dataset, config_files, config_dict, overrides, args.compare_file, protocol)
+    if args.nproc > 1 or args.world_size > 0:
+        quick_start.run_distributed(args.model, args.dataset, config_files, config_dict, overrides, nproc=args.nproc,
+                                    world_size=args.world_size, ip=args.ip, port=args.port,
+                                    group_offset=args.group_offset, result_file=args.result_file)
         return 0
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if args.resume is True:
+        print("error: --resume needs a checkpoint path (--resume=saved/MODEL-....pth) outside --tune", file=sys.stderr)
+        return 2
+    result = quick_start.run(args.model, args.dataset, config_files, config_dict, overrides,
+                             resume=args.resume, result_file=args.result_file)
+    test = result.get("test_result") or {}
+    sec = result["train_seconds_per_epoch"]
+    print(f"{result['model']} on {result['dataset']}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+          + f" | {result['trainable_parameters']:,} trainable parameters"
+          + (f" | {sec:.2f} s/epoch" if sec is not None else "") + f" | result: {result['result_file']}")
+    return 0

@@ -1,9 +1,14 @@
-"""Building a RecBole ``Config`` for plugin and RecBole models alike.
+"""The one config path: every entry point (a run, ``--compare``, ``--tune``, DDP ranks,
+``build_cache``, the benchmarks) builds its RecBole ``Config`` here.
 
-Config files, lowest priority first: ``properties/overall.yaml``, ``properties/<Model>.yaml``,
-``properties/<dataset>.yaml``, ``properties/<dataset>/<Model>.yaml``, then the user's ``--config_files``, then ``config_dict`` and the
-command line (RecBole's own order). Plugin models are passed to RecBole as classes, so RecBole
-reads their defaults from our yaml (it would find none of its own).
+Files, lowest priority first: ``properties/overall.yaml``, the model's yaml chain (a plugin model
+lists it in its ``properties`` attribute, e.g. ``IISAN.yaml`` then ``IISANVS.yaml``; a RecBole
+model has ``<Model>.yaml`` if the plugin ships one), ``properties/<dataset>.yaml``,
+``properties/<dataset>/<Model>.yaml``, the user's ``--config_files``, then ``config_dict`` and the
+command-line overrides (RecBole's own order). Command-line overrides are parsed once, here
+(:func:`parse_overrides`, RecBole's value conversion), and handed to :class:`PluginConfig`, which
+never reads ``sys.argv`` itself. A dict-valued key given as an override is merged into the
+files' dict (``--iisan_lr="{'text_sanb': 1e-3}"`` changes one group).
 
 Types: every key documented in ``properties/*.yaml`` with a typed comment ``# (int) ...`` is
 checked after the merge, so ``--sanb_size=abc`` ends in one line naming the key and the type.
@@ -13,9 +18,12 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
+import yaml
 from recbole.config import Config
+
+from recbole_iisan.errors import PluginConfigError
 
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 
@@ -23,7 +31,7 @@ PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 PLUGIN_MODELS: dict[str, str] = {
     "IISANVS": "recbole_iisan.model.iisan:IISANVS",
     "IISANVA": "recbole_iisan.model.iisan:IISANVA",
-    "IISANUncached": "recbole_iisan.model.baselines:IISANUncached",
+    "IISANUncached": "recbole_iisan.model.iisan:IISANUncached",
     "FFT": "recbole_iisan.model.baselines:FFT",
     "Adapter": "recbole_iisan.model.baselines:Adapter",
     "LoRA": "recbole_iisan.model.baselines:LoRA",
@@ -39,9 +47,6 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "list": (list, tuple),
     "dict": (dict,),
 }
-
-
-from recbole_iisan.errors import PluginConfigError  # noqa: F401  (re-exported)
 
 
 def plugin_model_names() -> list[str]:
@@ -64,15 +69,57 @@ def get_model_class(name: str) -> type:
         ) from exc
 
 
+# --------------------------------------------------------------------------------------------
+# command-line overrides
+
+def parse_value(text: str) -> Any:
+    """One override value, converted as RecBole converts its command line (``2e-4`` -> 0.0002,
+    ``[10,20]`` -> a list, ``True`` -> True, anything else stays a string)."""
+    return Config._convert_config_dict(None, {"v": text})["v"]  # noqa: the method uses no state
+
+
+def parse_overrides(args: Sequence[str], where: str = "the command line") -> dict[str, Any]:
+    """``--key=value`` arguments -> ``{key: value}`` (values as :func:`parse_value`). Anything
+    else, or a key given twice with different values, is a one-line error."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if not (arg.startswith("--") and "=" in arg):
+            raise PluginConfigError(f"unrecognised argument {arg!r} on {where}: config keys are given as --key=value")
+        key, _, value = arg[2:].partition("=")
+        if not key:
+            raise PluginConfigError(f"argument {arg!r} on {where} has no key: expected --key=value")
+        parsed = parse_value(value)
+        if key in out and out[key] != parsed:
+            raise PluginConfigError(f"config key '{key}' is given twice on {where} ({out[key]!r} and {parsed!r})")
+        out[key] = parsed
+    return out
+
+
+class PluginConfig(Config):
+    """RecBole's ``Config`` whose command-line layer is given explicitly (never ``sys.argv``)."""
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None,
+                 cmd_overrides: Optional[dict] = None):
+        self._cmd_overrides = dict(cmd_overrides or {})
+        super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+
+    def _load_cmd_line(self) -> dict:
+        return dict(self._cmd_overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# files and types
+
 def config_file_list(model: str, dataset: str, user_files: Optional[Iterable[str]] = None) -> list[str]:
     """The yaml files a run reads, lowest priority first."""
-    files = [
-        PROPERTIES_DIR / "overall.yaml",
-        PROPERTIES_DIR / f"{model}.yaml",
+    chain = getattr(get_model_class(model), "properties", None) if model in PLUGIN_MODELS else None
+    names = list(chain) if chain else [model]
+    files = [PROPERTIES_DIR / "overall.yaml"] + [PROPERTIES_DIR / f"{n}.yaml" for n in names] + [
         PROPERTIES_DIR / f"{dataset}.yaml",
         PROPERTIES_DIR / dataset / f"{model}.yaml",  # a model's settings for one dataset
     ]
-    out = [str(f) for f in files if f.is_file()]
+    # RecBole cannot read a yaml file without keys (a model whose yaml only documents itself)
+    out = [str(f) for f in files if f.is_file() and yaml.safe_load(f.read_text(encoding="utf-8"))]
     for f in user_files or []:
         if not Path(f).is_file():
             raise PluginConfigError(f"config file not found: {f}")
@@ -118,23 +165,68 @@ def check_types(config: Any, types: Optional[dict[str, str]] = None) -> None:
             )
 
 
+def _file_dicts(files: Sequence[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=Config._build_yaml_loader(None)) or {}  # noqa: RecBole's loader
+        if isinstance(data, dict):
+            merged.update(data)
+    return merged
+
+
+def _merge_dict_overrides(files: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A dict-valued override is merged into the files' dict of the same key."""
+    file_values = None
+    out = dict(overrides)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            file_values = file_values if file_values is not None else _file_dicts(files)
+            base = file_values.get(key)
+            if isinstance(base, dict):
+                out[key] = {**base, **value}
+    return out
+
+
+def check_metrics(config: Any) -> None:
+    """``valid_metric`` must be one of the metrics the run computes (``metrics`` x ``topk``)."""
+    valid = str(config["valid_metric"]).lower()
+    topk = config["topk"] or []
+    computed = {f"{m.lower()}@{k}" for m in (config["metrics"] or []) for k in topk}
+    computed |= {m.lower() for m in (config["metrics"] or [])}  # metrics without a cut-off (e.g. MRR?)
+    if valid not in computed:
+        raise PluginConfigError(
+            f"config key 'valid_metric' is {config['valid_metric']!r}, which this run does not compute "
+            f"(metrics {config['metrics']} x topk {topk} gives {sorted(computed)}): choose one of them, "
+            f"e.g. --valid_metric=NDCG@{topk[0] if topk else 10}"
+        )
+
+
 def build_config(
     model: str,
     dataset: str,
     config_files: Optional[Iterable[str]] = None,
     config_dict: Optional[dict] = None,
+    overrides: Optional[dict] = None,
 ) -> Config:
-    """A RecBole Config for ``model`` (plugin or RecBole name) on ``dataset``, type-checked."""
+    """A RecBole Config for ``model`` (plugin or RecBole name) on ``dataset``, checked.
+
+    ``overrides`` are the command line's ``--key=value`` (already parsed by :func:`parse_overrides`);
+    they win over ``config_dict``, as in RecBole."""
     model_class = get_model_class(model)
     files = config_file_list(model, dataset, config_files)
-    config = Config(
+    overrides = _merge_dict_overrides(files, dict(overrides or {}))
+    config_dict = _merge_dict_overrides(files, dict(config_dict or {}))
+    config = PluginConfig(
         model=model_class if model in PLUGIN_MODELS else model,
         dataset=dataset,
         config_file_list=files,
-        config_dict=dict(config_dict or {}),
+        config_dict=config_dict,
+        cmd_overrides=overrides,
     )
     check_types(config)
-    from recbole_iisan.data.towers import resolve_towers
+    check_metrics(config)
+    from recbole_iisan.towers.spec import resolve_towers
 
     resolve_towers(config)
     return config

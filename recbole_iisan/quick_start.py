@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import resource
-import sys
 import time
 from logging import getLogger
 from pathlib import Path
@@ -22,8 +19,10 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_iisan.config import PluginConfigError, build_config, get_model_class
+from recbole_iisan.config import build_config, get_model_class
+from recbole_iisan.errors import PluginConfigError
 from recbole_iisan.data.dataset import MultimodalSequentialDataset, ProtocolSequentialDataset
+from recbole_iisan.report import format_gates, peak_memory, write_result
 from recbole_iisan.trainer import PluginTrainer
 from recbole_iisan.utils import config_get as _get
 
@@ -33,8 +32,8 @@ RAW_PATTERNS = ("am_*_users*.tsv", "*_items.tsv")
 
 
 def needs_item_states(model_class: type) -> bool:
-    """Whether a model trains on the frozen-encoder cache (IISAN) or not (RecBole models)."""
-    return bool(getattr(model_class, "needs_item_states", False))
+    """Whether a model trains on the frozen-encoder cache (IISAN) rather than raw inputs or ids."""
+    return getattr(model_class, "item_inputs", None) == "states"
 
 
 def _raw_dir_candidates(config: Any) -> list[Path]:
@@ -64,12 +63,15 @@ def ensure_atomic_files(config: Any) -> None:
 
 
 def create_dataset(config: Any, model_class: type):
-    """The plugin's dataset class for this model (multimodal for IISAN, protocol-aware otherwise)."""
+    """The plugin's dataset class for this model (multimodal for IISAN, raw inputs for the
+    in-the-loop models, protocol-aware for RecBole's sequential models). It only loads: the caches
+    it reads are prepared before (:func:`prepare_inputs`)."""
     from recbole.utils import ModelType
 
-    if needs_item_states(model_class):
+    kind = getattr(model_class, "item_inputs", None)
+    if kind == "states":
         return MultimodalSequentialDataset(config)
-    if getattr(model_class, "needs_raw_inputs", False):
+    if kind == "raw":
         from recbole_iisan.data.raw_inputs import RawInputSequentialDataset
 
         return RawInputSequentialDataset(config)
@@ -84,15 +86,6 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def peak_memory_bytes(device: torch.device) -> dict[str, int]:
-    """CUDA max allocated / reserved on GPU; process peak RSS on CPU (Linux ru_maxrss is KiB)."""
-    out = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
-        out["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
-    return out
-
-
 def config_digest(config: Any) -> str:
     """A short digest of the settings that change results (for the result file)."""
     items = {k: repr(v) for k, v in sorted(config.final_config_dict.items())
@@ -100,16 +93,12 @@ def config_digest(config: Any) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _trainer_for(config: Any, model: torch.nn.Module) -> PluginTrainer:
-    cls = getattr(type(model), "trainer_class", None) or PluginTrainer
-    return cls(config, model)
-
-
 def run(
     model: str,
     dataset: str,
     config_files: Optional[list[str]] = None,
     config_dict: Optional[dict] = None,
+    overrides: Optional[dict] = None,
     saved: bool = True,
     resume: Optional[str] = None,
     result_file: Optional[str] = None,
@@ -117,17 +106,20 @@ def run(
     evaluate_test: bool = True,
     queue: Any = None,
 ) -> dict:
-    """Train ``model`` on ``dataset`` and evaluate it; returns (and writes) the result dict."""
-    config = build_config(model, dataset, config_files, config_dict)
+    """Train ``model`` on ``dataset`` and evaluate it; returns (and writes) the result dict.
+
+    The pipeline: config -> :func:`prepare_inputs` (atomic files, encoder caches) -> dataset and
+    split -> model -> :class:`PluginTrainer` -> test at the best validation epoch -> result file."""
+    config = build_config(model, dataset, config_files, config_dict, overrides)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
     model_class = get_model_class(model)
-    if _get(config, "paper_protocol", False):
+    if config["paper_protocol"]:
         logger.info(set_color("paper protocol", "yellow") + ": last 13 items per user, history masked at ranking")
 
-    ensure_atomic_files(config)
+    prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
     logger.info(ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
@@ -138,7 +130,7 @@ def run(
     n_trainable = trainable_parameters(net)
     logger.info(set_color("trainable parameters", "blue") + f": {n_trainable:,}")
 
-    trainer = _trainer_for(config, net)
+    trainer = PluginTrainer(config, net)
     if resume:
         trainer.resume_checkpoint(resume)
     if config["device"].type == "cuda":
@@ -154,19 +146,20 @@ def run(
         t1 = time.perf_counter()
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
         test_seconds = time.perf_counter() - t1
-    mem = peak_memory_bytes(config["device"])
 
     epochs = trainer.train_epoch_seconds
     result = {
         "model": config["model"],
         "dataset": config["dataset"],
         "config_digest": config_digest(config),
-        "paper_protocol": bool(_get(config, "paper_protocol", False)),
+        "paper_protocol": bool(config["paper_protocol"]),
         "seed": config["seed"],
         "device": str(config["device"]),
         "trainable_parameters": n_trainable,
         "best_valid_score": float(best_valid_score) if best_valid_score is not None else None,
         "valid_metric": config["valid_metric"],
+        "metrics": list(config["metrics"]),
+        "topk": list(config["topk"]),
         "best_valid_result": {k: float(v) for k, v in (best_valid_result or {}).items()},
         "test_result": {k: float(v) for k, v in (test_result or {}).items()} if test_result else None,
         "epochs_run": len(epochs),
@@ -175,18 +168,20 @@ def run(
         "eval_seconds_per_pass": float(sum(trainer.eval_seconds) / len(trainer.eval_seconds)) if trainer.eval_seconds else None,
         "test_seconds": test_seconds,
         "fit_seconds": fit_seconds,
-        "peak_memory": mem,
+        "peak_memory": peak_memory(config["device"]),
         "checkpoint": trainer.saved_model_file if saved else None,
     }
-    if hasattr(net, "gate_values"):
-        result["gate_values"] = net.gate_values()
-        logger.info(set_color("gate values (best epoch)", "blue") + f": {format_gates(result['gate_values'])}")
+    gates = net.gate_values() if hasattr(net, "gate_values") else {}
+    if gates:
+        result["gate_values"] = gates
+        logger.info(set_color("gate values (best epoch)", "blue") + f": {format_gates(gates)}")
     logger.info(set_color("best valid ", "yellow") + f": {result['best_valid_result']}")
     if test_result is not None:
         logger.info(set_color("test result", "yellow") + f": {result['test_result']}")
     path = result_file or os.path.join("saved", f"{config['model']}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    write_json(path, result)
-    logger.info(f"result written to {path}")
+    if config["local_rank"] == 0:
+        write_result(path, result)
+        logger.info(f"result written to {path}")
     result["result_file"] = path
     if not config["single_spec"]:
         import torch.distributed as dist
@@ -197,20 +192,21 @@ def run(
     return result
 
 
-def prepare_inputs(model: str, dataset: str, config_files: Optional[list[str]] = None,
-                   config_dict: Optional[dict] = None) -> None:
-    """Everything a run needs before training, done once: atomic files and the encoder cache.
-
-    ``--compare``, ``--tune`` and multi-process runs call this first, so no trial, rank or
-    compared model ever builds (or races to build) the cache.
-    """
-    config = build_config(model, dataset, config_files, config_dict)
-    init_logger(config)
+def prepare_inputs(config: Any, model_class: Optional[type] = None) -> dict[str, str]:
+    """Everything a run needs before a dataset is built, as one step: atomic files, then the
+    encoder caches of models that read them (built, resumed or reused). A single run, every
+    compared model, every tuning trial and every DDP rank goes through here; the parent of
+    ``--compare`` / ``--tune`` / DDP calls it first, so the children only find the caches.
+    Sets ``config["item_state_caches"]`` ({tower: folder}) for the dataset; returns it."""
+    model_class = model_class or get_model_class(config["model"])
     ensure_atomic_files(config)
-    if needs_item_states(get_model_class(model)):
+    caches: dict[str, str] = {}
+    if needs_item_states(model_class):
         from recbole_iisan.data.cache import ensure_caches
 
-        ensure_caches(config)
+        caches = {t: str(p) for t, p in ensure_caches(config).items()}
+        config["item_state_caches"] = caches
+    return caches
 
 
 def _run_rank(rank: int, model: str, dataset: str, config_files, kwargs: dict) -> None:
@@ -220,29 +216,18 @@ def _run_rank(rank: int, model: str, dataset: str, config_files, kwargs: dict) -
 
 
 def run_distributed(model: str, dataset: str, config_files: Optional[list[str]] = None,
-                    config_dict: Optional[dict] = None, nproc: int = 1, world_size: int = -1,
-                    ip: str = "localhost", port: str = "5678", group_offset: int = 0, **kwargs: Any) -> Optional[dict]:
-    """RecBole's DDP mode (as ``run_recbole.py --nproc``) for plugin models too."""
+                    config_dict: Optional[dict] = None, overrides: Optional[dict] = None, nproc: int = 1,
+                    world_size: int = -1, ip: str = "localhost", port: str = "5678", group_offset: int = 0,
+                    **kwargs: Any) -> Optional[dict]:
+    """RecBole's DDP mode (as ``run_recbole.py --nproc``) for plugin models too; the inputs are
+    prepared once here, before the ranks start."""
     import torch.multiprocessing as mp
 
-    prepare_inputs(model, dataset, config_files, config_dict)
+    prepare_inputs(build_config(model, dataset, config_files, config_dict, overrides))
     world_size = nproc if world_size == -1 else world_size
     queue = mp.get_context("spawn").SimpleQueue()
     cd = dict(config_dict or {})
     cd.update({"world_size": world_size, "ip": ip, "port": port, "nproc": nproc, "offset": group_offset})
-    kwargs.update({"config_dict": cd, "queue": queue})
+    kwargs.update({"config_dict": cd, "overrides": overrides, "queue": queue})
     mp.spawn(_run_rank, args=(model, dataset, config_files, kwargs), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
-
-
-def format_gates(gates: dict) -> str:
-    return "; ".join(f"{k}: " + ", ".join(f"{v:.3f}" for v in vals) for k, vals in gates.items())
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, p)

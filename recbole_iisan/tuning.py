@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
-import io
 import itertools
 import json
 import math
@@ -36,12 +34,13 @@ import os
 import re
 import sys
 import time
-from enum import Enum
 from logging import getLogger
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from recbole_iisan.config import PluginConfigError
+from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.report import markdown_table, write_csv
+from recbole_iisan.utils import atomic_write_text
 from recbole_iisan.utils import config_get as _cfg
 
 HYPER_TYPES = ("choice", "uniform", "loguniform", "quniform")
@@ -176,36 +175,6 @@ def search_space(params: Sequence[HyperParam]) -> dict:
 # --------------------------------------------------------------------------------------------
 # config overrides
 
-def convert_value(param: Any) -> Any:
-    """A command-line value string -> python value, as RecBole's ``Config._convert_config_dict``."""
-    if not isinstance(param, str):
-        return param
-    try:
-        value = eval(param)  # noqa: S307  (RecBole does the same with its command line)
-        if value is not None and not isinstance(value, (str, int, float, list, tuple, dict, bool, Enum)):
-            value = param
-    except (NameError, SyntaxError, TypeError):
-        if param.lower() == "true":
-            value = True
-        elif param.lower() == "false":
-            value = False
-        else:
-            value = param
-    return value
-
-
-def parse_overrides(rest: Sequence[str]) -> dict:
-    """``['--key=value', ...]`` -> ``{key: value}`` with RecBole's conversion (RecBole ignores an
-    argument with more than one ``=``; so does this)."""
-    out: dict = {}
-    for arg in rest:
-        if not arg.startswith("--") or len(arg[2:].split("=")) != 2:
-            continue
-        key, value = arg[2:].split("=")
-        out[key] = convert_value(value)
-    return out
-
-
 def native(value: Any) -> Any:
     """numpy scalars / tuples -> plain python (yaml, json, RecBole's type checks)."""
     if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
@@ -293,15 +262,9 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
             return
         session.report({metric: float(valid_score), "epoch": epoch_idx + 1})
 
-    # RecBole's Config reads sys.argv: a Ray worker's own argv must not become config keys
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "trial"]
-    try:
-        trial_dir = os.getcwd()
-        result = quick_start.run(model, dataset, config_files, cd, saved=True, evaluate_test=True,
-                                 result_file=os.path.join(trial_dir, RESULT_FILE), callback_fn=report)
-    finally:
-        sys.argv = saved_argv
+    trial_dir = os.getcwd()
+    result = quick_start.run(model, dataset, config_files, cd, saved=True, evaluate_test=True,
+                             result_file=os.path.join(trial_dir, RESULT_FILE), callback_fn=report)
     final = {
         metric: float(result["best_valid_score"]) if result.get("best_valid_score") is not None else float("nan"),
         FINAL_KEY: True,
@@ -373,10 +336,11 @@ def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
 def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, params: Sequence[HyperParam]) -> None:
     """Data + encoder cache once, for every cache-relevant value the search can sample."""
     from recbole_iisan import quick_start
+    from recbole_iisan.config import build_config
 
     choices = [(hp.name, hp.values) for hp in params if hp.name in CACHE_KEYS and hp.kind == "choice"]
     if not choices:
-        quick_start.prepare_inputs(model, dataset, config_files, config_dict)
+        quick_start.prepare_inputs(build_config(model, dataset, config_files, config_dict))
         return
     names = [n for n, _ in choices]
     # widest first ('all' layers), so the later ones reuse it instead of growing the cache
@@ -384,7 +348,7 @@ def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, para
     for combo in combos:
         extra = dict(zip(names, combo))
         getLogger().info(f"preparing inputs for {extra}")
-        quick_start.prepare_inputs(model, dataset, config_files, dict(config_dict, **extra))
+        quick_start.prepare_inputs(build_config(model, dataset, config_files, dict(config_dict, **extra)))
 
 
 def trial_statuses(grid) -> dict:
@@ -460,23 +424,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def write_best_config(path: Path, values: dict, header: str, tuned: Sequence[str] = ()) -> None:
     import yaml
 
@@ -486,13 +433,11 @@ def write_best_config(path: Path, values: dict, header: str, tuned: Sequence[str
         if keys:
             text += f"# {title}\n" + yaml.safe_dump({k: native(values[k]) for k in keys}, sort_keys=False,
                                                    default_flow_style=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional[list[str]] = None,
-               config_dict: Optional[dict] = None, rest: Sequence[str] = (), num_samples: int = 8,
+               config_dict: Optional[dict] = None, overrides: Optional[dict] = None, num_samples: int = 8,
                search_alg: str = "random", max_concurrent: int = 0, cpus_per_trial: float = 1.0,
                gpus_per_trial: float = 0.0, ray_address: Optional[str] = None,
                storage_path: str = "ray_results", tune_name: Optional[str] = None, resume: bool = False,
@@ -514,14 +459,13 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
         raise PluginConfigError("--cpus_per_trial must be > 0 and --gpus_per_trial >= 0")
     config_files = [os.path.abspath(f) for f in config_files] if config_files else None
     user = dict(config_dict or {})
-    user.update(parse_overrides(rest))
+    user.update(overrides or {})
     tuned = [hp.name for hp in params]
     int_keys = [hp.name for hp in params if hp.is_int]
     clash = sorted(set(tuned) & set(user))
     if clash:
         logger.warning(f"{clash} are given on the command line and in {hyper_file}: the sampled values win")
 
-    # the driver's config (sys.argv holds the --key=value overrides too: RecBole reads them)
     config = build_config(model, dataset, config_files, user)
     metric = str(config["valid_metric"]).lower()
     max_t = int(config["epochs"])
@@ -644,11 +588,11 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
     return summary
 
 
-def main(args: argparse.Namespace, rest: Sequence[str], config_files: Optional[list[str]],
+def main(args: argparse.Namespace, overrides: dict, config_files: Optional[list[str]],
          config_dict: Optional[dict]) -> int:
     """``run_recbole_iisan.py --tune=hyper.test``: 0 when at least one trial finished, else 1."""
     summary = run_search(
-        args.model, args.dataset, args.tune, config_files=config_files, config_dict=config_dict, rest=rest,
+        args.model, args.dataset, args.tune, config_files=config_files, config_dict=config_dict, overrides=overrides,
         num_samples=args.num_samples, search_alg=args.search_alg, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, ray_address=args.ray_address,
         storage_path=args.storage_path, tune_name=args.tune_name, resume=bool(args.resume is True),

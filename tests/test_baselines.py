@@ -16,9 +16,10 @@ from recbole.utils import init_seed
 from recbole_iisan.config import build_config, get_model_class
 from recbole_iisan.data.dataset import MultimodalSequentialDataset
 from recbole_iisan.data.raw_inputs import RawInputSequentialDataset
-from recbole_iisan.efficiency import tpme
-from recbole_iisan.model.baselines import BitFit, FFT, IISANUncached, LoRA, Adapter
-from recbole_iisan.quick_start import create_dataset
+from recbole_iisan.report import tpme
+from recbole_iisan.model.baselines import BitFit, FFT, LoRA, Adapter
+from recbole_iisan.model.iisan import IISANUncached
+from recbole_iisan.quick_start import create_dataset, prepare_inputs
 
 from conftest import WORDS, write_tiny_dataset
 
@@ -80,8 +81,8 @@ _DATA: dict = {}
 
 def data_for(env, model: str, **kw):
     config = config_for(env, model, **kw)
-    key = (get_model_class(model).needs_raw_inputs if hasattr(get_model_class(model), "needs_raw_inputs") else False,
-           tuple(sorted(kw.items())))
+    key = (get_model_class(model).item_inputs, tuple(sorted(kw.items())))
+    prepare_inputs(config)
     if key not in _DATA:
         init_seed(config["seed"], True)
         ds = create_dataset(config, get_model_class(model))
@@ -148,7 +149,7 @@ def test_adapter_trains_only_adapters_heads_user_encoder(env):
 
 
 def test_lora_keeps_pretrained_weights_and_starts_as_the_backbone(env):
-    from recbole_iisan.model.baselines import load_backbone
+    from recbole_iisan.towers.encoders import load_backbone
 
     net, *_ = build(env, "LoRA")
     names = trainable_names(net)
@@ -160,18 +161,18 @@ def test_lora_keeps_pretrained_weights_and_starts_as_the_backbone(env):
     net.eval()
     ids = torch.arange(1, net.n_items)
     for tower, enc in (("text", env["bert"]), ("image", env["vit"])):
-        orig, _ = load_backbone(enc)
+        orig = load_backbone(enc, drop_pooler=True)
         orig.eval()
-        sd = dict(net.backbones[tower].named_parameters())
+        sd = dict(net.backbones.models[tower].named_parameters())
         for n, p in orig.named_parameters():
             if n.endswith(("query.weight", "value.weight", "q_proj.weight", "v_proj.weight",
                            "query.bias", "value.bias", "q_proj.bias", "v_proj.bias")):
                 base = n.rsplit(".", 1)
                 lora_name = f"{base[0]}.base_layer.{base[1]}"
                 assert torch.equal(sd[lora_name], p) and not sd[lora_name].requires_grad
-        kwargs, mask = net.tower_inputs(tower, ids)
+        kwargs, mask = net.backbones.inputs(tower, ids)
         with torch.no_grad():
-            a = net.backbones[tower](**kwargs).last_hidden_state
+            a = net.backbones.models[tower](**kwargs).last_hidden_state
             b = orig(**kwargs).last_hidden_state
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # B = 0 at init
 
@@ -189,7 +190,7 @@ def test_bitfit_trains_only_backbone_biases(env):
 def test_uncached_equals_cached_iisan(env):
     kw = {"head_type": "symmetric"}
     unc, _, _, _ = build(env, "IISANUncached", **kw)
-    assert not any(p.requires_grad for p in unc.backbones.parameters())
+    assert not any(p.requires_grad for p in unc.states.backbones.parameters())
     cconf, (cds, ctrain, *_r) = data_for(env, "IISANVS", **kw)
     assert isinstance(cds, MultimodalSequentialDataset)
     init_seed(2020, True)
@@ -197,13 +198,17 @@ def test_uncached_equals_cached_iisan(env):
     assert unc.state_layers == cached.state_layers
     missing, unexpected = cached.load_state_dict(unc.state_dict(), strict=False)
     assert not missing, missing
-    assert all(k.startswith("backbones.") for k in unexpected)
+    assert all(k.startswith("states.backbones.") for k in unexpected)
     assert unc.parameter_counts() == cached.parameter_counts()
     unc.eval(), cached.eval()
     ids = torch.arange(1, unc.n_items)
     with torch.no_grad():
-        torch.testing.assert_close(unc.hidden_rows("text", ids), cached.states_a[ids].float(), rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(unc.hidden_rows("image", ids), cached.states_b[ids].float(), rtol=1e-2, atol=1e-2)
+        live_a, live_b = unc.states(ids)
+        cached_a, cached_b = cached.states(ids)
+        torch.testing.assert_close(live_a, cached_a, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(live_b, cached_b, rtol=1e-2, atol=1e-2)
+        # the same side network on the same states gives the same embeddings, bit for bit
+        torch.testing.assert_close(unc.side(cached_a, cached_b), cached.side(cached_a, cached_b), rtol=0, atol=0)
         a, b = unc.item_embeddings(ids), cached.item_embeddings(ids)
     torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
 

@@ -19,9 +19,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from recbole_iisan.data import cache as cache_mod  # noqa: E402
-from recbole_iisan.data import encoders as enc  # noqa: E402
+from recbole_iisan.towers import encoders as enc  # noqa: E402
 from recbole_iisan.data.cache import CacheError, ensure_cache, load_states  # noqa: E402
-from recbole_iisan.data.towers import TowerSpec  # noqa: E402
+from recbole_iisan.towers.spec import TowerSpec  # noqa: E402
 from test_encoders import make_tiny_bert, make_tiny_llama, make_tiny_vit, random_images  # noqa: E402
 
 try:
@@ -229,7 +229,7 @@ def test_resume_after_killed_subprocess(tiny, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from recbole_iisan.data.cache import ensure_cache
-        from recbole_iisan.data.towers import TowerSpec
+        from recbole_iisan.towers.spec import TowerSpec
         def cb(done, total):
             if done >= 24:
                 os.kill(os.getpid(), signal.SIGKILL)

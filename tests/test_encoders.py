@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from recbole_iisan.data import encoders as enc  # noqa: E402
-from recbole_iisan.data.towers import TowerSpec  # noqa: E402
+from recbole_iisan.towers import encoders as enc  # noqa: E402
+from recbole_iisan.towers.spec import TowerSpec  # noqa: E402
 
 WORDS = ["the", "a", "red", "blue", "green", "pipette", "tube", "glass", "flask", "lab", "digital",
          "scale", "meter", "set", "of", "10", "ml", "box", "steel", "clamp"]

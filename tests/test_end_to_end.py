@@ -62,8 +62,8 @@ def test_dataset_rows_are_the_cached_states_in_recbole_id_order(tiny_data: Path,
         assert torch.count_nonzero(states[0]) == 0  # padding row
         assert ds.item_state_layers[tower] == [0, 2, 4]  # 4-layer encoder, 'even' + embedding state
     # a direct forward pass of the encoder for three items equals their rows
-    from recbole_iisan.data.encoders import load_frozen_encoder
-    from recbole_iisan.data.towers import tower_specs
+    from recbole_iisan.towers.encoders import load_frozen_encoder
+    from recbole_iisan.towers.spec import tower_specs
 
     spec = tower_specs(cfg, ["item_id", "title"])[1]
     enc = load_frozen_encoder(spec, "cpu")

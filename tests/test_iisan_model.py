@@ -16,7 +16,8 @@ from recbole.data.dataset import SequentialDataset
 from recbole.utils import init_seed
 
 from recbole_iisan.model.iisan import IISANBase, IISANVA, IISANVS
-from recbole_iisan.model.trainer import IISANTrainer
+from recbole_iisan.config import build_config
+from recbole_iisan.trainer import PluginTrainer
 
 PROPS = Path(__file__).resolve().parents[1] / "properties"
 N_USERS, N_ITEMS_RAW = 40, 30
@@ -50,13 +51,7 @@ def make_config(tmp_root: Path, model_cls=IISANVS, **overrides) -> Config:
         "tower_batch_size": 7,  # several chunks even on a tiny item set
     }
     cfg.update(overrides)
-    name = model_cls.__name__
-    return Config(
-        model=model_cls,
-        dataset="tiny",
-        config_file_list=[str(PROPS / "overall.yaml"), str(PROPS / f"{name}.yaml")],
-        config_dict=cfg,
-    )
+    return build_config(model_cls.__name__, "tiny", config_dict=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +115,7 @@ def test_vs_parameter_count_is_the_papers(tiny):
 def test_va_parameter_count_bert_large_vit_base(tiny):
     model, _ = build(tiny, IISANVA, dims=(1024, 768), rows=(7, 7), depths=(24, 12))
     counts = model.parameter_counts()
-    dtl = sum(p.numel() for p in model.inter.dtls.parameters())
+    dtl = sum(p.numel() for p in model.side.inter.dtls.parameters())
     assert dtl == 7 * (1024 * 768 + 768) == 5_510_400
     total_ref = counts["side network"] + REF_USER_ENCODER
     assert total_ref == 8_698_965  # "about 8.70M"
@@ -136,7 +131,7 @@ def test_vs_rejects_unequal_towers(tiny):
 
 def test_va_unequal_rows_and_widths_run(tiny):
     model, _ = build(tiny, IISANVA, dims=(48, 32), rows=(9, 5), depths=(24, 12))
-    assert model.inter.n_steps == 5 and model.inter.dtl_side == "a"
+    assert model.side.inter.n_steps == 5 and model.side.inter.dtl_side == "a"
     loss = model.calculate_loss(batch(tiny))
     loss.backward()
     assert torch.isfinite(loss)
@@ -157,7 +152,7 @@ def test_state_dict_holds_no_item_states(tiny, tmp_path):
     trainable = {n for n, p in model.named_parameters()}
     assert set(sd) == trainable  # parameters only (no persistent buffers in this model)
     buffers = dict(model.named_buffers())
-    assert buffers["states_a"] is tiny["train"]._dataset.item_states["text"]  # shared, not copied
+    assert buffers["states.states_a"] is tiny["train"]._dataset.item_states["text"]  # shared, not copied
     # a checkpoint round trip gives the same scores
     torch.save(sd, tmp_path / "m.pth")
     other, _ = build(tiny)
@@ -245,18 +240,19 @@ def test_item_table_computed_once_per_evaluation_pass(tiny):
     assert len(calls) == n + 1 and not torch.allclose(a, b)
 
 
-def test_paper_protocol_masks_history(tiny):
-    model, _ = build(tiny, paper_protocol=True)
+def test_history_is_masked_in_one_place_the_trainer(tiny):
+    """The model scores every item; the trainer (one place, every model) masks the history."""
+    model, config = build(tiny, paper_protocol=True)
     model.eval()
     inter = eval_batch(tiny)
     with torch.no_grad():
-        scores = model.full_sort_predict(inter)
+        raw = model.full_sort_predict(inter)
+        assert torch.isfinite(raw).all()
+        trainer = PluginTrainer(config, model)
+        trainer.tot_item_num = tiny["valid"]._dataset.item_num
+        _, masked, _, _ = trainer._full_sort_batch_eval(next(iter(tiny["valid"])))
     seq = inter["item_id_list"]
-    assert torch.isinf(scores.gather(1, seq)).all()
-    plain, _ = build(tiny, paper_protocol=False)
-    plain.eval()
-    with torch.no_grad():
-        assert torch.isfinite(plain.full_sort_predict(inter)).all()
+    assert torch.isinf(masked.gather(1, seq)).all()
 
 
 def test_cpu_runs_fp32_whatever_mixed_precision(tiny):
@@ -294,13 +290,13 @@ def test_ablations_forward_backward(tiny, overrides):
 def test_frozen_backbone_and_no_layerdrop(tiny, model_cls):
     # frozen backbone: the dataset gives the last hidden state only
     model, _ = build(tiny, model_cls, rows=(1, 1), frozen_backbone=True)
-    assert model.intra_a is None and model.inter is None
+    assert model.side.intra_a is None and model.side.inter is None
     counts = model.parameter_counts()
     assert counts["text tower"] == counts["image tower"] == counts["inter tower"] == 0
     model.calculate_loss(batch(tiny)).backward()
     # w/o LayerDrop: 13 rows per 12-layer tower
     model, _ = build(tiny, model_cls, rows=(13, 13), layerdrop=False)
-    assert len(model.intra_a.blocks) == 13
+    assert len(model.side.intra_a.blocks) == 13
     model.calculate_loss(batch(tiny)).backward()
 
 
@@ -320,13 +316,13 @@ def test_param_groups_cover_every_parameter_once(tiny, model_cls, overrides):
     names = {id(p): n for n, p in model.named_parameters()}
     members = {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
     if not overrides:
-        assert all(n.startswith("intra_a.blocks") for n in members["text_sanb"])
-        assert {n.split(".")[0] for n in members["image_sanb"]} == {"intra_b", "inter"}
-        assert members["image_head"] == {"head_b.first.weight", "head_b.first.bias", "intra_b.gates.theta"}
-        assert members["text_head"] == {"head_a.first.weight", "head_a.first.bias"}
-        assert {"intra_a.gates.theta", "inter.gates.theta", "fusion.weight"} <= members["recsys"]
+        assert all(n.startswith("side.intra_a.blocks") for n in members["text_sanb"])
+        assert {n.split(".")[1] for n in members["image_sanb"]} == {"intra_b", "inter"}
+        assert members["image_head"] == {"side.head_b.first.weight", "side.head_b.first.bias", "side.intra_b.gates.theta"}
+        assert members["text_head"] == {"side.head_a.first.weight", "side.head_a.first.bias"}
+        assert {"side.intra_a.gates.theta", "side.inter.gates.theta", "side.fusion.weight"} <= members["recsys"]
         if model_cls is IISANVA:
-            assert any(n.startswith("inter.dtls") for n in members["recsys"])
+            assert any(n.startswith("side.inter.dtls") for n in members["recsys"])
 
 
 def test_iisan_lr_from_config(tiny):
@@ -341,14 +337,14 @@ def test_iisan_lr_from_config(tiny):
 
 def test_one_epoch_fit_with_iisan_trainer(tiny):
     model, config = build(tiny)
-    assert IISANBase.trainer_class is IISANTrainer and IISANBase.needs_item_states
-    trainer = IISANTrainer(config, model)
+    assert IISANBase.item_inputs == "states"
+    trainer = PluginTrainer(config, model)
     assert [g["name"] for g in trainer.optimizer.param_groups] == [
         "recsys", "text_sanb", "image_sanb", "image_head", "text_head"
     ]
-    before = model.fusion.weight.detach().clone()
+    before = model.side.fusion.weight.detach().clone()
     best_score, best_result = trainer.fit(tiny["train"], tiny["valid"], saved=True, show_progress=False)
-    assert not torch.equal(before, model.fusion.weight)
+    assert not torch.equal(before, model.side.fusion.weight)
     assert "ndcg@10" in best_result
     result = trainer.evaluate(tiny["test"], load_best_model=True, show_progress=False)
     assert 0.0 <= result["hit@10"] <= 1.0

@@ -1,8 +1,8 @@
 """LayerDrop: the blocks each scheme keeps, against the authors' scripts and the paper's Eq. 5."""
 import pytest
 
-from recbole_iisan.data.towers import resolve_towers
-from recbole_iisan.model.layer_select import (
+from recbole_iisan.towers.spec import resolve_towers
+from recbole_iisan.towers.layer_select import (
     group_stride,
     hidden_state_indices,
     select_blocks,

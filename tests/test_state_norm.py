@@ -1,7 +1,7 @@
 """state_norm: dim standardises the frozen states per row and dimension over the real items."""
 import torch
 
-from recbole_iisan.model.iisan import standardize_states
+from recbole_iisan.model.states import standardize_states
 
 
 def test_standardize_states_by_hand() -> None:

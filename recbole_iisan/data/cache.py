@@ -30,9 +30,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from recbole_iisan.data import encoders as _enc
-from recbole_iisan.data.towers import TowerSpec, tower_specs
-from recbole_iisan.model.layer_select import tower_layers_from_config
+from recbole_iisan.towers import encoders as _enc
+from recbole_iisan.towers.spec import TowerSpec, tower_specs
+from recbole_iisan.towers.layer_select import tower_layers_from_config
 from recbole_iisan.utils import config_get as _get
 
 logger = logging.getLogger("recbole_iisan.cache")

@@ -8,7 +8,9 @@ the same split.
 
 ``MultimodalSequentialDataset`` adds, per tower, the cached frozen-encoder states as ONE
 contiguous tensor ``[n_items, n_rows, dim]`` in RecBole's internal item-id order (row 0 = the
-padding item, zeros). They are loaded once; RecBole's split copies share them.
+padding item, zeros). It only loads: the caches are built before any dataset
+(``quick_start.prepare_inputs``), which leaves their folders in ``config["item_state_caches"]``.
+They are loaded once; RecBole's split copies share them.
 """
 from __future__ import annotations
 
@@ -68,7 +70,11 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
     def _load_item_states(self) -> None:
         from recbole_iisan.data import cache as cache_mod
 
-        paths = cache_mod.ensure_caches(self.config)
+        paths = self.config["item_state_caches"]
+        if not paths:
+            raise cache_mod.CacheError(
+                "the encoder caches are not prepared: the dataset only loads them; run "
+                "recbole_iisan.quick_start.prepare_inputs(config) (or python -m recbole_iisan.build_cache) first")
         specs = {s.name: s for s in cache_mod.tower_specs_for(self.config)}
         layers = cache_mod.model_layers(self.config, list(specs.values()))
         dtype = getattr(torch, str(_config_get(self.config, "cache_dtype", "float16")))

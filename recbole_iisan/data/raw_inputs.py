@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from recbole_iisan.data.dataset import ProtocolSequentialDataset, _config_get
+from recbole_iisan.towers.encoders import load_image_processor, load_tokenizer, pad_id_of, pad_ids, tokenize
 
 logger = logging.getLogger()
 
@@ -58,48 +59,6 @@ def image_normalisation(processor: Any) -> tuple[list[float], list[float], float
     resample = getattr(processor, "resample", 2)
     resample = int(getattr(resample, "value", resample) if resample is not None else 2)
     return mean, std, rescale, _image_size(processor), resample
-
-
-def load_image_processor(encoder: str) -> Any:
-    from transformers import AutoImageProcessor
-
-    from recbole_iisan.data.encoders import resolve_encoder
-
-    path, kwargs = resolve_encoder(encoder)
-    try:
-        return AutoImageProcessor.from_pretrained(path, **kwargs)
-    except Exception:  # noqa: BLE001 - no preprocessor config: the paper's transform
-        return None
-
-
-def load_tokenizer(encoder: str) -> Any:
-    from transformers import AutoTokenizer
-
-    from recbole_iisan.data.encoders import resolve_encoder
-
-    path, kwargs = resolve_encoder(encoder)
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)``; empty token lists get one special token."""
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, pad]
-    empty = [next(int(t) for t in special if t is not None)]
-    ids = tokenizer(list(texts), max_length=max_length, truncation=True, padding=False)["input_ids"]
-    ids = [list(x) if len(x) else list(empty) for x in ids]
-    width = max(len(x) for x in ids)
-    arr = np.full((len(ids), width), int(pad), dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for r, x in enumerate(ids):
-        arr[r, : len(x)] = x
-        mask[r, : len(x)] = 1
-    return torch.from_numpy(arr), torch.from_numpy(mask)
 
 
 def decode_images(store: Any, tokens: list[str], size: tuple[int, int], resample: int) -> tuple[np.ndarray, int]:
@@ -157,8 +116,8 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
                         texts.append("")
                         continue
                     texts.append(". ".join(v for v in (cols[f][i].strip() for f in spec.fields) if v))
-                tok = load_tokenizer(spec.encoder)
-                ids, mask = tokenize_texts(tok, [""] + texts, int(spec.max_length))
+                tok = load_tokenizer(spec.encoder, spec.name)
+                ids, mask = pad_ids(tokenize(tok, [""] + texts, int(spec.max_length)), pad_id_of(tok))
                 self.item_inputs[spec.name] = {"input_ids": ids, "attention_mask": mask}
                 self.missing_items[spec.name] = absent
                 logger.info(f"tower '{spec.name}': tokenised {len(texts)} item texts to {tuple(ids.shape)}")

@@ -199,3 +199,94 @@ def make_tower_head(head_type: str, dim: int, d: int, image_side: bool) -> TwoLa
 def make_inter_head(dim: int, d: int) -> TwoLayerHead:
     """Head of the inter tower: ``Linear(D_m, D_m)`` then ``Linear(D_m, d)`` (both model kinds)."""
     return TwoLayerHead(dim, dim, d)
+
+
+MODALITIES = ("intra_inter", "intra", "inter")
+
+
+class SideNetwork(nn.Module):
+    """The whole IISAN item side on given backbone states: towers, heads and fusion.
+
+    ``forward(h_a [M, n_a, D_a], h_b [M, n_b, D_b]) -> [M, d]`` with
+    ``e = fusion([head_B(intra_B(h_B)), head_A(intra_A(h_A)), head_inter(inter(h_A, h_B))])``
+    (SIGIR'24 Sec. 3, TKDE Sec. 3). The states come from a *state source*: rows gathered from the
+    cache (IISANVS / IISANVA) or computed live by the frozen backbones (IISANUncached); the module is
+    the same, so cached and live IISAN give the same item embeddings for the same states.
+
+    ``frozen_backbone`` (the Table VI ablation): a head on each tower's last row, no SANBs.
+    Modules are created in the order intra A, intra B, head A, head B, inter, inter head, fusion.
+    """
+
+    def __init__(self, dim_a: int, n_a: int, dim_b: int, n_b: int, d: int, sanb_size: int,
+                 inter_sanb_size: Optional[int] = None, activation: str = "relu", head_type: str = "symmetric",
+                 modality: str = "intra_inter", fusion: str = "gated", frozen_backbone: bool = False):
+        super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"modality: expected one of {MODALITIES}, got {modality!r}")
+        self.modality = modality
+        self.frozen_backbone = bool(frozen_backbone)
+        self.intra_a = self.intra_b = self.inter = None
+        self.head_a = self.head_b = self.head_inter = None
+        if self.frozen_backbone:
+            self.head_a = make_tower_head(head_type, dim_a, d, image_side=False)
+            self.head_b = make_tower_head(head_type, dim_b, d, image_side=True)
+            n_parts = 2
+        else:
+            n_parts = 0
+            if modality in ("intra_inter", "intra"):
+                self.intra_a = IntraTower(dim_a, n_a, sanb_size, activation, fusion)
+                self.intra_b = IntraTower(dim_b, n_b, sanb_size, activation, fusion)
+                self.head_a = make_tower_head(head_type, dim_a, d, image_side=False)
+                self.head_b = make_tower_head(head_type, dim_b, d, image_side=True)
+                n_parts += 2
+            if modality in ("intra_inter", "inter"):
+                r_inter = int(inter_sanb_size) if inter_sanb_size is not None else sanb_size
+                self.inter = InterTower(dim_a, n_a, dim_b, n_b, r_inter, activation, fusion)
+                self.head_inter = make_inter_head(self.inter.dim, d)
+                n_parts += 1
+        self.fusion = nn.Linear(n_parts * d, d)
+
+    def forward(self, h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:
+        if self.frozen_backbone:
+            parts = [self.head_b(h_b[:, -1]), self.head_a(h_a[:, -1])]
+        else:
+            parts = []
+            if self.intra_a is not None:
+                parts.append(self.head_b(self.intra_b(h_b)))
+                parts.append(self.head_a(self.intra_a(h_a)))
+            if self.inter is not None:
+                parts.append(self.head_inter(self.inter(h_a, h_b)))
+        return self.fusion(torch.cat(parts, dim=-1))
+
+    def lr_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The authors' optimiser groups other than ``recsys`` (tower A plays "text", B "image"):
+        ``text_sanb``: A's SANBs; ``image_sanb``: B's and the inter tower's SANBs; ``image_head``:
+        B's first head Linear and B's gates; ``text_head``: A's first head Linear. Everything else
+        (second head Linears, inter head, A's and the inter gates, DTLs, fusion) is ``recsys``."""
+
+        def params(*modules) -> list[nn.Parameter]:
+            return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+        return {
+            "text_sanb": params(self.intra_a.blocks if self.intra_a is not None else None),
+            "image_sanb": params(self.intra_b.blocks if self.intra_b is not None else None,
+                                 self.inter.blocks if self.inter is not None else None),
+            "image_head": params(self.head_b.first if self.head_b is not None else None,
+                                 self.intra_b.gates if self.intra_b is not None else None),
+            "text_head": params(self.head_a.first if self.head_a is not None else None),
+        }
+
+    def part_counts(self, name_a: str, name_b: str) -> dict[str, int]:
+        def n(*modules) -> int:
+            return sum(p.numel() for m in modules if m is not None for p in m.parameters() if p.requires_grad)
+
+        return {f"{name_a} tower": n(self.intra_a), f"{name_b} tower": n(self.intra_b), "inter tower": n(self.inter),
+                "heads": n(self.head_a, self.head_b, self.head_inter), "fusion": n(self.fusion)}
+
+    def gate_values(self, name_a: str, name_b: str) -> dict[str, list[float]]:
+        """Intra gates per tower (weight on the backbone row) and inter gates (weight on B's row)."""
+        return {
+            name_a: self.intra_a.gate_values() if self.intra_a is not None else [],
+            name_b: self.intra_b.gate_values() if self.intra_b is not None else [],
+            "inter": self.inter.gate_values() if self.inter is not None else [],
+        }

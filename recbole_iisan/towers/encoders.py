@@ -246,6 +246,113 @@ def _short(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# the one implementation of tokenising, padding, pooling and loading (cache and live models alike)
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id texts are padded with: the tokenizer's pad token, else EOS (decoders), else 0."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, specials included, truncated to ``max_length``, not padded. An empty
+    text gets one special token, so that no item has zero real tokens."""
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, pad_id_of(tokenizer)]
+    empty = [next(int(t) for t in special if t is not None)]
+    ids = tokenizer([str(t) for t in texts], max_length=int(max_length), truncation=True,
+                    padding=False)["input_ids"]
+    return [list(x) if len(x) else list(empty) for x in ids]
+
+
+def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to ``width`` (default: the longest): ``(input_ids, attention_mask)``
+    int64 ``[len(ids), width]``. Right padding leaves every real token at positions 0..n-1."""
+    width = int(width) if width is not None else max(len(x) for x in ids)
+    lens = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+    mask = (torch.arange(width)[None, :] < lens[:, None]).long()
+    input_ids = torch.full((len(ids), width), int(pad_id), dtype=torch.long)
+    input_ids[mask.bool()] = flat
+    return input_ids, mask
+
+
+def pool_hidden(h: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """Pool one hidden state ``[M, T, D] -> [M, D]``.
+
+    ``cls``: the first token; ``mean``: the mean over real tokens (``mask``); ``last``: the last
+    real token; ``mean_unmasked`` (or no mask, e.g. images): the mean over every position."""
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "mean_unmasked" or mask is None:
+        return h.float().mean(dim=1)
+    m = mask.to(torch.float32).unsqueeze(-1)
+    if pooling == "mean":
+        return (h.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    if pooling == "last":
+        last = mask.sum(dim=1).clamp_min(1) - 1
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def text_model_inputs(input_ids: torch.Tensor, mask: torch.Tensor, pooling: str) -> dict[str, torch.Tensor]:
+    """Keyword inputs of a text backbone: with ``mean_unmasked`` no attention mask is passed (the
+    authors' LLM scripts), otherwise the padding is masked."""
+    kwargs = {"input_ids": input_ids}
+    if pooling != "mean_unmasked":
+        kwargs["attention_mask"] = mask
+    return kwargs
+
+
+def load_tokenizer(name: str, tower: str = "") -> Any:
+    """The tokenizer of an encoder; decoders without a pad token pad with EOS."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = resolve_encoder(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise load_error(name, tower or "?", f"its tokenizer: {_short(exc)}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_image_processor(name: str) -> Any:
+    """The encoder's image processor, or None (then the paper's transform is used)."""
+    from transformers import AutoImageProcessor
+
+    path, kwargs = resolve_encoder(name)
+    try:
+        return AutoImageProcessor.from_pretrained(path, **kwargs)
+    except Exception:  # noqa: BLE001 - no preprocessor config: the paper's transform
+        return None
+
+
+def load_backbone(name: str, tower: str = "", dtype: Any = None, drop_pooler: bool = False) -> Any:
+    """``AutoModel.from_pretrained`` of an encoder (fp32 by default), in eval mode. Raises
+    ``EncoderLoadError`` naming ``<tower>_encoder``. ``drop_pooler`` removes BERT/ViT poolers,
+    which neither the cache nor the in-the-loop models use."""
+    from torch import nn
+    from transformers import AutoModel
+
+    try:
+        path, kwargs = resolve_encoder(name)
+    except EncoderLoadError as exc:
+        raise load_error(name, tower or "?", str(exc)) from None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise load_error(name, tower or "?", _short(exc)) from None
+    if drop_pooler and isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
 # the frozen encoder
 
 def _fallback_image_transform(images: Sequence[Any]) -> torch.Tensor:
@@ -284,15 +391,7 @@ class FrozenEncoder:
         self.path = path
         self.load_kwargs = dict(load_kwargs or {})
         self.calls = 0  # forward passes run (tests use it to check reuse)
-        self.pad_id = 0
-        self._empty_ids: list[int] = []
-        if tokenizer is not None:
-            pad = tokenizer.pad_token_id
-            if pad is None:
-                pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-            self.pad_id = int(pad)
-            special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, self.pad_id]
-            self._empty_ids = [next(int(t) for t in special if t is not None)]
+        self.pad_id = pad_id_of(tokenizer) if tokenizer is not None else 0
 
     @property
     def n_layers(self) -> int:
@@ -307,31 +406,19 @@ class FrozenEncoder:
         """Token ids per text, specials included, truncated to ``max_length``, not padded."""
         if self.tokenizer is None:
             raise TypeError(f"encoder '{self.name}' of tower '{self.tower}' reads images, not text")
-        ids = self.tokenizer(list(texts), max_length=self.max_length, truncation=True,
-                             padding=False)["input_ids"]
-        return [list(x) if len(x) else list(self._empty_ids) for x in ids]
+        return tokenize(self.tokenizer, texts, self.max_length)
 
     @staticmethod
     def length_order(ids: Sequence[Sequence[int]]) -> list[int]:
         """Positions sorted by token length (stable: ties keep their order)."""
         return sorted(range(len(ids)), key=lambda i: len(ids[i]))
 
-    def _pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = self.max_length if self.pooling == "mean_unmasked" else max(len(x) for x in ids)
-        arr = np.full((len(ids), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for r, x in enumerate(ids):
-            arr[r, : len(x)] = x
-            mask[r, : len(x)] = 1
-        return torch.from_numpy(arr), torch.from_numpy(mask)
-
     def encode_ids(self, ids: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> torch.Tensor:
         """Pooled states for pre-tokenised texts (see ``tokenize``)."""
-        input_ids, mask = self._pad(ids)
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device)}
-        if self.pooling != "mean_unmasked":
-            kwargs["attention_mask"] = mask.to(self.device)
-        return self._forward(kwargs, mask.to(self.device), layers)
+        width = self.max_length if self.pooling == "mean_unmasked" else None
+        input_ids, mask = pad_ids(ids, self.pad_id, width)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        return self._forward(text_model_inputs(input_ids, mask, self.pooling), mask, layers)
 
     # -- images ----------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
@@ -371,22 +458,9 @@ class FrozenEncoder:
             if len(hidden) != self.n_layers + 1:
                 raise RuntimeError(f"encoder '{self.name}' returned {len(hidden)} hidden states, "
                                    f"expected {self.n_layers + 1}")
-            pooled = [self._pool(hidden[i], mask) for i in layers]
+            pooled = [pool_hidden(hidden[i], mask, self.pooling) for i in layers]
             self.calls += 1
             return torch.stack(pooled, dim=1).float()
-
-    def _pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.pooling == "cls":
-            return h[:, 0]
-        if self.pooling == "mean_unmasked" or mask is None:
-            return h.float().mean(dim=1)
-        m = mask.to(torch.float32).unsqueeze(-1)
-        if self.pooling == "mean":
-            return (h.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-        if self.pooling == "last":
-            last = mask.sum(dim=1).clamp_min(1) - 1
-            return h[torch.arange(h.shape[0], device=h.device), last]
-        raise ValueError(f"unknown pooling {self.pooling!r}")
 
 
 def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> FrozenEncoder:
@@ -395,8 +469,6 @@ def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> Fr
     ``dtype`` (default float32) is the weights' dtype; outputs are always float32.
     Raises ``EncoderLoadError`` (one line, naming ``<tower>_encoder``) when it cannot be loaded.
     """
-    from transformers import AutoModel
-
     name, tower = str(spec.encoder), str(spec.name)
     device = torch.device(device) if not isinstance(device, torch.device) else device
 
@@ -413,32 +485,14 @@ def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> Fr
         pooling = resolve_pooling(getattr(spec, "pooling", "auto"), info.is_decoder, is_image)
     except ValueError as exc:
         raise EncoderLoadError(f"config key '{tower}_pooling': {exc}") from None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    try:
-        model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise fail(_short(exc)) from None
-    model.eval()
+    model = load_backbone(name, tower, dtype)
     model.requires_grad_(False)
     model.to(device)
     tokenizer = processor = None
-    try:
-        if is_image:
-            try:
-                from transformers import AutoImageProcessor
-
-                processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-            except Exception:  # noqa: BLE001 - no preprocessor config: the paper's transform
-                processor = None
-        else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-                tokenizer.pad_token = tokenizer.eos_token
-    except Exception as exc:  # noqa: BLE001
-        raise fail(f"its tokenizer: {_short(exc)}") from None
+    if is_image:
+        processor = load_image_processor(name)
+    else:
+        tokenizer = load_tokenizer(name, tower)
     return FrozenEncoder(name, tower, model, info, pooling, getattr(spec, "max_length", 30), device,
                          is_image, tokenizer=tokenizer, image_processor=processor, path=path,
                          load_kwargs=kwargs)
@@ -446,5 +500,6 @@ def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> Fr
 
 __all__ = [
     "DECODER_MODEL_TYPES", "EncoderInfo", "EncoderLoadError", "FrozenEncoder", "encoder_info", "load_error",
-    "load_frozen_encoder", "resolve_encoder", "resolve_pooling", "short_name", "weights_fingerprint",
+    "load_backbone", "load_frozen_encoder", "load_image_processor", "load_tokenizer", "pad_ids", "pool_hidden",
+    "resolve_encoder", "resolve_pooling", "short_name", "text_model_inputs", "tokenize", "weights_fingerprint",
 ]
