@@ -19,29 +19,39 @@ from typing import Sequence
 from recbole_iisan.errors import EXIT_USER_ERROR, UserError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_config(argv: Sequence[str] | None = None):
+    """The RecBole Config of a ``build_cache`` command line (the run's config path)."""
     parser = argparse.ArgumentParser(prog="python -m recbole_iisan.build_cache",
                                      description="build the frozen-encoder caches of a dataset")
     parser.add_argument("--dataset", "-d", required=True)
     parser.add_argument("--model", "-m", default="IISANVA", help="the plugin model whose towers and layers to cache")
+    parser.add_argument("--data_path", default=None, help="RecBole data_path (same as --data_path=DIR)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
     args, rest = parser.parse_known_args(argv)
+    import recbole_iisan  # noqa: F401  (compat shims)
+    from recbole_iisan.config import build_config, parse_overrides
+
+    overrides = parse_overrides(rest)
+    if args.data_path is not None:
+        overrides.setdefault("data_path", args.data_path)
+    files = args.config_files.split() if args.config_files else None
+    return build_config(args.model, args.dataset, files, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        import recbole_iisan  # noqa: F401  (compat shims)
         from recbole.utils import init_logger
 
-        from recbole_iisan.config import build_config, parse_overrides
         from recbole_iisan.quick_start import prepare_inputs
 
-        files = args.config_files.split() if args.config_files else None
-        config = build_config(args.model, args.dataset, files, overrides=parse_overrides(rest))
+        config = make_config(argv)
         init_logger(config)
         paths = prepare_inputs(config)
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     if not paths:
-        print(f"error: model {args.model} reads no encoder cache", file=sys.stderr)
+        print(f"error: model {config['model']} reads no encoder cache", file=sys.stderr)
         return EXIT_USER_ERROR
     for tower, path in paths.items():
         print(f"{tower}\t{path}")

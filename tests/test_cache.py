@@ -369,16 +369,20 @@ def test_build_cache_cli(tiny, tmp_path, capsys):
 
     assert build_cache.main(["--dataset", "nope", "--data_path", str(tmp_path), "--text_encoder=x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no item file" in err
-    write_dataset(tmp_path)
+    assert err.count("\n") == 1 and "dataset 'nope' not found" in err
+    tokens, _ = write_dataset(tmp_path)
+    inter = ["user_id:token\titem_id:token\ttimestamp:float"] + [f"u{u}\t{t}\t{k}" for u in range(3)
+                                                                 for k, t in enumerate(tokens)]
+    (tmp_path / "data" / "toy" / "toy.inter").write_text("\n".join(inter) + "\n")
     yml = tmp_path / "extra.yaml"
     yml.write_text(f"towers: [text, text2]\ntext_encoder: {tiny['bert']}\n")
     argv = ["--dataset", "toy", "--data_path", str(tmp_path / "data"), "--config_files", str(yml),
-            f"--text2_encoder={tiny['llama']}", "--text2_fields=[title, brand]", "--text_max_length=12",
-            f"--cache_dir={tmp_path / 'cc'}"]
-    cfg_dict = build_cache.build_config(argv)
-    assert cfg_dict["text2_fields"] == ["title", "brand"] and cfg_dict["text_max_length"] == 12
-    assert cfg_dict["encoder_batch_size"] == 64  # from properties/overall.yaml
+            f"--text2_encoder={tiny['llama']}", "--text2_fields=['title', 'brand']", "--text_max_length=12",
+            "--learning_rate=2e-4", f"--cache_dir={tmp_path / 'cc'}"]
+    config = build_cache.make_config(argv)
+    assert config["text2_fields"] == ["title", "brand"] and config["text_max_length"] == 12
+    assert config["encoder_batch_size"] == 64  # from properties/overall.yaml
+    assert config["learning_rate"] == 2e-4 and isinstance(config["learning_rate"], float)  # not the string '2e-4'
     assert build_cache.main(argv) == 0
     out = capsys.readouterr().out
     assert "text\t" in out and "text2\t" in out
@@ -386,5 +390,19 @@ def test_build_cache_cli(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot load encoder 'no-such/model' for tower 'text' (config key 'text_encoder')" in err
     assert "local folder" in err and err.count("\n") == 1
-    ml = build_cache.build_config(["--dataset", "ml-100k"])
-    assert Path(ml["data_path"]).name == "dataset_example"
+
+
+def test_build_cache_ml100k_with_data_path(tiny, tmp_path, capsys, monkeypatch):
+    """RecBole reads ml-100k from its bundled copy whatever data_path says; build_cache does the
+    same as a run (it used to fail with 'no item file DIR/ml-100k/ml-100k.item')."""
+    from recbole_iisan import build_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    argv = ["--dataset", "ml-100k", "--data_path", str(tmp_path / "elsewhere"), "--model", "IISANVS",
+            "--towers=['text', 'text2']", f"--text_encoder={tiny['bert']}", f"--text2_encoder={tiny['bert']}",
+            "--text2_fields=['movie_title']", "--encoder_batch_size=512"]
+    config = build_cache.make_config(argv)
+    assert Path(config["data_path"]).parent.name == "dataset_example"
+    assert build_cache.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "text\t" in out and str(tmp_path / "xdg") in out
