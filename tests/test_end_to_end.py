@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from recbole_iisan import cli
+from recbole_iisan.errors import EXIT_USER_ERROR
 
 FAST = ["--epochs=2", "--train_batch_size=64", "--eval_batch_size=128", "--embedding_size=16",
         "--sanb_size=8", "--inner_size=32", "--encoder_batch_size=16", "--stopping_step=1"]
@@ -54,6 +55,9 @@ def test_dataset_rows_are_the_cached_states_in_recbole_id_order(tiny_data: Path,
         "data_path": str(tiny_data), "cache_dir": str(tmp_path / "cache"), "towers": ["text", "text2"],
         "text_encoder": encoders["bert"], "text2_encoder": encoders["bert2"], "text_fields": ["title"],
         "text2_fields": ["title"], "cache_dtype": "float32"})
+    from recbole_iisan.quick_start import prepare_inputs
+
+    prepare_inputs(cfg)  # the pipeline step: caches first, then the dataset only loads
     ds = MultimodalSequentialDataset(cfg)
     assert ds.towers == ["text", "text2"]
     for tower in ds.towers:
@@ -81,7 +85,7 @@ def test_metrics_equal_a_hand_computation_from_full_sort_predict(tiny_data: Path
     from recbole.data import data_preparation
 
     from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset
+    from recbole_iisan.quick_start import create_dataset, prepare_inputs
     from recbole_iisan.trainer import PluginTrainer
 
     cfg = build_config("IISANVS", "tiny", config_dict={
@@ -89,9 +93,10 @@ def test_metrics_equal_a_hand_computation_from_full_sort_predict(tiny_data: Path
         "text_encoder": encoders["bert"], "text2_encoder": encoders["bert2"], "text_fields": ["title"],
         "text2_fields": ["title"], "embedding_size": 16, "sanb_size": 8, "eval_batch_size": 1000})
     cls = get_model_class("IISANVS")
+    prepare_inputs(cfg, cls)
     ds = create_dataset(cfg, cls)
     _, _, test = data_preparation(cfg, ds)
-    model = cls(cfg, _._dataset if False else test._dataset)
+    model = cls(cfg, test._dataset)
     model.eval()
     trainer = PluginTrainer(cfg, model)
     result = trainer.evaluate(test, load_best_model=False)
@@ -121,13 +126,37 @@ def test_compare_writes_one_table(tiny_data: Path, tmp_path: Path, encoders: dic
     assert "| SASRec |" in out and "| IISANVS |" in out
 
 
+def test_compare_columns_follow_topk_and_each_model_reports_its_own_peak(tiny_data: Path, tmp_path: Path,
+                                                                        encoders: dict, capsys) -> None:
+    path = tmp_path / "cmp20.csv"
+    code = cli.main(["--dataset=tiny", "--compare=SASRec,IISANVS", f"--compare_file={path}", "--topk=[20]",
+                     "--valid_metric=NDCG@20",
+                     *_args(tiny_data, tmp_path, encoders, f"--text_encoder={encoders['bert2']}",
+                            "--hidden_size=16", "--n_layers=1", "--n_heads=1")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = list(csv.DictReader(path.open()))
+    assert "test Hit@20" in rows[0] and "test NDCG@20" in rows[0] and "test Hit@10" not in rows[0]
+    assert all(0.0 <= float(r["test NDCG@20"]) <= float(r["test Hit@20"]) <= 1.0 for r in rows)
+    # each child measures its own VmHWM: the figures differ (the parent's ru_maxrss would be inherited)
+    peaks = [float(r["peak memory MB"]) for r in rows]
+    assert all(p > 50 for p in peaks) and peaks[0] != peaks[1]
+
+
+def test_a_valid_metric_that_is_not_computed_is_one_line(tiny_data: Path, capsys) -> None:
+    code = cli.main(["--dataset=tiny", "--model=SASRec", f"--data_path={tiny_data}", "--topk=[20]"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and err.count("\n") == 1
+    assert "config key 'valid_metric' is 'NDCG@10', which this run does not compute" in err
+
+
 def test_resume_from_checkpoint_continues_training(tiny_data: Path, tmp_path: Path, encoders: dict) -> None:
     first = tmp_path / "first.json"
     args = _args(tiny_data, tmp_path, encoders, f"--text_encoder={encoders['bert2']}")
     assert cli.main(["--model=IISANVS", "--dataset=tiny", f"--result_file={first}", *args]) == 0
     ckpt = json.loads(first.read_text())["checkpoint"]
     state = torch.load(ckpt, weights_only=False)
-    assert not any(k.startswith("states_") for k in state["state_dict"])  # cached states stay out
+    assert not any("states_" in k for k in state["state_dict"])  # cached states stay out
     second = tmp_path / "second.json"
     assert cli.main(["--model=IISANVS", "--dataset=tiny", f"--resume={ckpt}", f"--result_file={second}",
                      *[a for a in args if not a.startswith("--epochs")], "--epochs=4"]) == 0
@@ -144,7 +173,7 @@ def test_image_model_without_images_is_one_clear_line(tiny_data: Path, tmp_path:
                      "--towers=['text','image']", f"--text_encoder={encoders['bert']}", f"--image_encoder={vit}",
                      "--text_fields=['title']", "--epochs=1"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == cli.EXIT_BAD_INPUT
+    assert code == EXIT_USER_ERROR
     assert len(err) == 1 and "image" in err[0] and "--image_dir" in err[0]
 
 
@@ -153,5 +182,5 @@ def test_iisanvs_on_towers_of_different_size_is_one_clear_line(tiny_data: Path, 
     code = cli.main(["--model=IISANVS", "--dataset=tiny",
                      *_args(tiny_data, tmp_path, encoders, f"--text_encoder={encoders['llama']}")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == cli.EXIT_BAD_INPUT
+    assert code == EXIT_USER_ERROR
     assert len(err) == 1 and "IISANVS needs" in err[0] and "IISANVA" in err[0]

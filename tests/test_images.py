@@ -17,7 +17,8 @@ from recbole_iisan.data.images import (ImageImportReport, ImageStore, ImageStore
                                        default_image_store_path, import_images)
 from recbole_iisan.data.prepare import prepare_dataset
 
-POSTERS = Path("/work/shared/datasets/ml-100k-posters")
+from conftest import SHARED  # noqa: E402  (../shared beside the repository; tests skip when absent)
+POSTERS = SHARED / "datasets/ml-100k-posters"
 
 
 def _pixels(seed: int, size=(7, 5)) -> np.ndarray:

@@ -13,7 +13,8 @@ import pytest
 from recbole_iisan.data.prepare import PrepareError, clean_title, prepare_dataset
 from recbole_iisan.prepare import main as cli_main
 
-SCIENTIFIC = Path("/work/shared/datasets/Scientific")
+from conftest import SHARED  # noqa: E402  (../shared beside the repository; tests skip when absent)
+SCIENTIFIC = SHARED / "datasets/Scientific"
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recbole_iisan.config import PluginConfigError
+from recbole_iisan.config import PluginConfigError, parse_overrides
+from recbole_iisan.config import parse_value as convert_value
 from recbole_iisan.tuning import (
-    convert_value,
     parse_hyper_file,
     parse_hyper_line,
-    parse_overrides,
     search_space,
     trial_config_dict,
 )
@@ -112,8 +111,13 @@ def test_overrides_convert_like_recbole():
     assert convert_value("0.01") == 0.01 and convert_value("64") == 64
     assert convert_value("[1,2]") == [1, 2] and convert_value("true") is True
     assert convert_value("even") == "even" and convert_value("cpu") == "cpu"
-    assert parse_overrides(["--epochs=2", "--data_path=/x/y", "--bad", "--a=b=c"]) == {"epochs": 2,
-                                                                                     "data_path": "/x/y"}
+    assert parse_overrides(["--epochs=2", "--data_path=/x/y", "--learning_rate=2e-4"]) == {
+        "epochs": 2, "data_path": "/x/y", "learning_rate": 2e-4}
+    # one parser for every entry point: a stray argument or a key given twice is a one-line error
+    with pytest.raises(PluginConfigError, match="unrecognised argument '--bad'"):
+        parse_overrides(["--bad"])
+    with pytest.raises(PluginConfigError, match="'epochs' is given twice"):
+        parse_overrides(["--epochs=2", "--epochs=3"])
     d = trial_config_dict({"epochs": 2}, {"learning_rate": 1e-3}, {"recsys": 2e-4, "text_sanb": 1e-4})
     assert d["iisan_lr"] == {"recsys": 1e-3, "text_sanb": 1e-4} and d["show_progress"] is False
 
