@@ -91,11 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from recbole_iisan.data.cache import CacheError, ensure_caches
     from recbole_iisan.data.encoders import EncoderLoadError
     from recbole_iisan.data.towers import TowerConfigError
+    from recbole_iisan.data.download import prepare_if_missing
+    from recbole_iisan.errors import UserError
 
     try:
         config = build_config(argv)
+        prepare_if_missing(config)  # a known dataset without files is downloaded and prepared
         paths = ensure_caches(config)
-    except (CacheError, EncoderLoadError, TowerConfigError, OSError, ValueError) as exc:
+    except (UserError, CacheError, EncoderLoadError, TowerConfigError, OSError, ValueError) as exc:
         print(f"build_cache: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     for tower, path in paths.items():
