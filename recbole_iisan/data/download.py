@@ -221,7 +221,7 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 def fetch_raw_dataset(dataset: str, dest_dir: PathLike, base_url: Optional[str] = None,
                       files: Optional[Mapping[str, Optional[str]]] = None,
-                      progress: bool = True, retries: int = RETRIES) -> Path:
+                      progress: bool = True, retries: Optional[int] = None) -> Path:
     """Download (or verify) the two raw TSV files of ``dataset`` into ``dest_dir``; returns
     ``dest_dir``. ``files`` (name -> sha256 or ``None``) replaces the built-in table (tests,
     mirrors of other datasets); ``base_url`` replaces ``$RECBOLE_IISAN_DATA_URL`` / upstream.
@@ -242,7 +242,8 @@ def fetch_raw_dataset(dataset: str, dest_dir: PathLike, base_url: Optional[str] 
     registry = {fname: (f"sha256:{h}" if h else None) for fname, h in table.items()}
     # base_url is unused: every file has its own entry in ``urls`` (URL or local path)
     store = pooch.create(path=dest, base_url="", registry=registry, urls=sources,
-                         retry_if_failed=retries, allow_updates=True)
+                         retry_if_failed=RETRIES if retries is None else retries,
+                         allow_updates=True)
     changed = False
     for fname, known in table.items():
         src = sources[fname]
