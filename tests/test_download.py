@@ -428,3 +428,17 @@ def test_images_offline_is_one_line(toy_registry, tmp_path, monkeypatch):
     msg = str(ei.value)
     assert one_line(msg) and msg.startswith("could not fetch am_image_toy.zip of Toy from http://127.0.0.1:")
     assert "drive.google.com/file/d/drive-id-of-toy" in msg and "--images=<zip>" in msg
+
+
+def test_run_offline_ends_in_one_line(monkeypatch, tmp_path, capsys):
+    from recbole_iisan import cli
+
+    monkeypatch.setattr(dl, "RETRIES", 0)
+    monkeypatch.setenv(dl.ENV_URL, closed_port_url())
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["--model=SASRec", "--dataset=Instrument", f"--data_path={tmp_path / 'd'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: could not fetch Musical_Instruments_items.tsv of Instrument from http://")
+    assert "--raw_dir=" in err
+    assert not list((tmp_path / "d" / "Instrument" / "raw").glob("*.tsv"))
