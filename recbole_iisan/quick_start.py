@@ -56,6 +56,11 @@ def ensure_atomic_files(config: Any) -> None:
             getLogger().info(f"preparing {dataset} from raw files in {raw}")
             prepare_dataset(dataset, str(raw), str(root.parent), images=_get(config, "image_dir"))
             return
+    from recbole_iisan.data.download import download_and_prepare, is_known_dataset
+
+    if is_known_dataset(dataset):  # the paper's datasets fetch themselves (RECBOLE_IISAN_DATA_URL)
+        download_and_prepare(dataset, root.parent, images=_get(config, "image_dir"))
+        return
     raise PluginConfigError(
         f"dataset '{dataset}' not found: expected {inter} (RecBole atomic files) or the raw files "
         f"{' and '.join(RAW_PATTERNS)} in {root} or in --raw_dir; see dataset/README.md"
