@@ -82,8 +82,18 @@ def get_model_class(name: str) -> type:
 
 def parse_value(text: str) -> Any:
     """One override value, converted as RecBole converts its command line (``2e-4`` -> 0.0002,
-    ``[10,20]`` -> a list, ``True`` -> True, anything else stays a string)."""
-    return Config._convert_config_dict(None, {"v": text})["v"]  # noqa: the method uses no state
+    ``[10,20]`` -> a list, ``True`` -> True, anything else stays a string); a list or mapping of
+    bare words (``[text, text2]``) is read as RecBole reads its yaml files."""
+    value = Config._convert_config_dict(None, {"v": text})["v"]  # noqa: the method uses no state
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        # a YAML flow list or mapping with bare words (``[text, text2]``), read as RecBole reads yaml
+        try:
+            loaded = yaml.load(value, Loader=Config._build_yaml_loader(None))
+        except yaml.YAMLError:
+            return value
+        if isinstance(loaded, (list, dict)):
+            return loaded
+    return value
 
 
 def parse_overrides(args: Sequence[str], where: str = "the command line") -> dict[str, Any]:
