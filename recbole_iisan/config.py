@@ -30,7 +30,7 @@ PLUGIN_MODELS: dict[str, str] = {
     "BitFit": "recbole_iisan.model.baselines:BitFit",
 }
 
-_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,]+)\)")
+_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,<>=.+-]+)\)")  # "(int)", "(int, >= 1)": see checks.py
 _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float, int),
@@ -91,7 +91,7 @@ def typed_keys(files: Optional[Iterable[str]] = None) -> dict[str, str]:
             m = _TYPED_COMMENT.match(line)
             if not m:
                 continue
-            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t}
+            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t and t[0] not in "<>="}
             if names and names <= set(_TYPES):
                 types.setdefault(m.group(1), set()).update(names)
     return {k: "|".join(sorted(v)) for k, v in types.items()}
@@ -127,6 +127,9 @@ def build_config(
     """A RecBole Config for ``model`` (plugin or RecBole name) on ``dataset``, type-checked."""
     model_class = get_model_class(model)
     files = config_file_list(model, dataset, config_files)
+    from recbole_iisan.checks import check_config_files, validate_config
+
+    files = check_config_files(files)  # a yaml syntax error or a list: one line naming the file
     config = Config(
         model=model_class if model in PLUGIN_MODELS else model,
         dataset=dataset,
@@ -134,6 +137,7 @@ def build_config(
         config_dict=dict(config_dict or {}),
     )
     check_types(config)
+    validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read
     from recbole_iisan.data.towers import resolve_towers
 
     resolve_towers(config)

@@ -128,7 +128,10 @@ def run(
         logger.info(set_color("paper protocol", "yellow") + ": last 13 items per user, history masked at ranking")
 
     ensure_atomic_files(config)
-    ds = create_dataset(config, model_class)
+    from recbole_iisan.checks import disk_full_guard
+
+    with disk_full_guard(lambda: _cache_folder(config, model_class)):  # the cache build: disk full -> one line
+        ds = create_dataset(config, model_class)
     logger.info(ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
 
@@ -208,9 +211,11 @@ def prepare_inputs(model: str, dataset: str, config_files: Optional[list[str]] =
     init_logger(config)
     ensure_atomic_files(config)
     if needs_item_states(get_model_class(model)):
+        from recbole_iisan.checks import disk_full_guard
         from recbole_iisan.data.cache import ensure_caches
 
-        ensure_caches(config)
+        with disk_full_guard(lambda: _cache_folder(config, get_model_class(model))):
+            ensure_caches(config)
 
 
 def _run_rank(rank: int, model: str, dataset: str, config_files, kwargs: dict) -> None:
@@ -240,9 +245,16 @@ def format_gates(gates: dict) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, p)
+    """Write strict JSON (NaN / Infinity as null) atomically (temp file + rename)."""
+    from recbole_iisan.utils import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def _cache_folder(config: Any, model_class: type) -> str:
+    """Where a run writes: the encoder cache folder (IISAN) or the dataset folder."""
+    if needs_item_states(model_class):
+        from recbole_iisan.data.cache import cache_root
+
+        return str(cache_root(config))
+    return str(config["data_path"])
