@@ -94,7 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = build_config(argv)
-        paths = ensure_caches(config)
+        from recbole_iisan.checks import disk_full_guard
+        from recbole_iisan.data.cache import cache_root
+
+        with disk_full_guard(lambda: cache_root(config)):  # a full disk: one line (DiskFullError is an OSError)
+            paths = ensure_caches(config)
     except (CacheError, EncoderLoadError, TowerConfigError, OSError, ValueError) as exc:
         print(f"build_cache: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -39,15 +39,17 @@ HISTORY_KEY = "plugin_history"
 REQUIRED_KEYS = ("epoch", "state_dict")
 
 
-def save(state: dict, path: PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically; CheckpointError (one line) when that fails."""
+def save(state: dict, path: PathLike, previous: Optional[PathLike] = None) -> Path:
+    """Write ``state`` to ``path`` atomically; CheckpointError (one line) when that fails, naming
+    the previous checkpoint (``path`` itself if it exists, else ``previous``), which is intact."""
     p = Path(path)
     buf = io.BytesIO()
     torch.save(state, buf, pickle_protocol=4)
     try:
         return atomic_write_bytes(p, buf.getvalue())
     except OSError as exc:
-        before = (f"the previous checkpoint {p} is intact" if p.is_file()
+        prev = p if p.is_file() else (Path(previous) if previous and Path(previous).is_file() else None)
+        before = (f"the previous checkpoint {prev} is intact (--resume={prev} continues from it)" if prev
                   else "nothing was written")
         if is_disk_full(exc, p.parent):
             raise CheckpointError(f"disk full while saving checkpoint {p}: {before}; free space "
@@ -200,7 +202,7 @@ def save_trainer(trainer: Any, epoch: int, path: Optional[PathLike] = None) -> s
         "optimizer": trainer.optimizer.state_dict(),
         HISTORY_KEY: history_state(trainer),
     }
-    save(state, path)
+    save(state, path, previous=trainer.resumed_from)
     return path
 
 

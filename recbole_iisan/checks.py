@@ -5,7 +5,8 @@
   data is loaded.
 - :func:`check_config_files`: every ``--config_files`` yaml parses and holds a mapping.
 - :func:`find_duplicate_keys`: the same ``--key=`` twice on the command line.
-- :func:`check_search_space`: every value a ``hyper.test`` search space can sample is valid.
+- :func:`check_search_space`: every key of a ``hyper.test`` search space is documented and every
+  value it can sample is valid.
 - :func:`disk_full_guard`: a full disk during a write becomes one line saying so.
 
 Where the rules come from (defaults and docs stay in one place, ``properties/*.yaml``):
@@ -318,8 +319,14 @@ def check_search_space(params: Sequence[Any], config: Any, hyper_file: str) -> N
     """Every value a ``hyper.test`` line can sample is valid: each ``choice`` value, and the
     bounds of ``uniform`` / ``loguniform`` / ``quniform``. Raises ``'<file>:<line>: ...'``."""
     ranges, enums = _rules_for(config)
+    known = documented_keys()
     for hp in params:
         where = f"{hyper_file}:{hp.lineno}"
+        if hp.name not in known and not any(hp.name == t + s for t in _tower_names(config) for s in TOWER_KEY_SUFFIXES):
+            close = difflib.get_close_matches(hp.name, sorted(known), n=1, cutoff=0.75)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise PluginConfigError(f"{where}: unknown config key '{hp.name}'{hint}: no RecBole or plugin yaml "
+                                    f"documents it, so searching over it would change nothing")
         if hp.kind == "choice":
             values = list(hp.values)
         elif hp.kind == "loguniform":
