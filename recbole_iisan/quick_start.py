@@ -246,9 +246,11 @@ def format_gates(gates: dict) -> str:
 
 def write_json(path: str, obj: Any) -> None:
     """Write strict JSON (NaN / Infinity as null) atomically (temp file + rename)."""
+    from recbole_iisan.checks import disk_full_guard
     from recbole_iisan.utils import atomic_write_json
 
-    atomic_write_json(path, obj)
+    with disk_full_guard(path):  # the previous file (if any) stays as it was
+        atomic_write_json(path, obj)
 
 
 def _cache_folder(config: Any, model_class: type) -> str:
