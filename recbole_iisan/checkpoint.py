@@ -188,6 +188,10 @@ def save_trainer(trainer: Any, epoch: int, path: Optional[PathLike] = None) -> s
     writes that file: its first save goes to a new name (logged), which becomes
     ``trainer.saved_model_file``."""
     path = str(path or trainer.saved_model_file)
+    if epoch < 0 and trainer.resumed_from is not None:
+        # RecBole "saves" epoch -1 when a resumed run has no epoch left to train: the resumed
+        # checkpoint already holds that model, so nothing is written
+        return trainer.saved_model_file
     if trainer.resumed_from is not None and same_file(path, trainer.resumed_from):
         path = resumed_name(getattr(trainer, "own_model_file", path), trainer.resumed_from)
         trainer.saved_model_file = path

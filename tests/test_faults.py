@@ -129,6 +129,18 @@ def test_resume_saves_a_better_model_to_a_new_name(trained, tmp_path, capsys, ca
     assert res["epochs_run"] == 3 and len(saved["plugin_history"]["valid_scores"]) <= 3
 
 
+def test_resuming_a_finished_run_writes_nothing(trained, tmp_path, capsys):
+    ck = _copy(trained, tmp_path)
+    before = ck.read_bytes()
+    best = trained["result"]["best_epoch"]  # the checkpoint holds epoch best-1: nothing left to train
+    code, err = _run(capsys, *_resume_args(trained, tmp_path, ck, f"--epochs={best}"))
+    assert code == 0, err[-2000:]
+    res = _strict_json(tmp_path / "resumed.json")
+    assert ck.read_bytes() == before and sorted(p.name for p in ck.parent.iterdir()) == ["ck.pth"]
+    assert res["checkpoint"] == str(ck) and res["epochs_run"] == best
+    assert res["best_valid_result"] == trained["result"]["best_valid_result"]
+
+
 def _full_disk(monkeypatch, folder: Path) -> None:
     """Every write into ``folder`` writes half its bytes, then fails with ENOSPC."""
     folder = folder.resolve()
