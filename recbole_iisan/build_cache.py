@@ -46,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = make_config(argv)
         init_logger(config)
-        paths = prepare_inputs(config)
+        from recbole_iisan.checks import disk_full_guard
+        from recbole_iisan.data.cache import cache_root
+
+        with disk_full_guard(lambda: cache_root(config)):  # a full disk: one line (DiskFullError is an OSError)
+            paths = prepare_inputs(config)
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

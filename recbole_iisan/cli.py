@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", default="5678")
     p.add_argument("--group_offset", type=int, default=0)
     p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search")
+    p.add_argument("--strict", action="store_true", help="unknown config keys are an error (strict_config: True)")
     t = p.add_argument_group("tuning (with --tune)")
     t.add_argument("--num_samples", type=int, default=8, help="trials to run")
     t.add_argument("--search_alg", default="random", help="random | hyperopt | optuna")
@@ -53,6 +54,8 @@ def _config_dict(args: argparse.Namespace) -> dict:
     d = {}
     if args.paper_protocol:
         d["paper_protocol"] = True
+    if args.strict:
+        d["strict_config"] = True
     return d
 
 
@@ -113,6 +116,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main(args, rest, overrides)
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a full disk anywhere else: one line (checks.is_disk_full), else the traceback
+        from recbole_iisan.checks import disk_full_message, is_disk_full
+
+        path = getattr(exc, "filename", None)
+        if not is_disk_full(exc, path):
+            raise
+        print(f"error: {disk_full_message(path)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

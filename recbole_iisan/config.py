@@ -24,16 +24,9 @@ import yaml
 from recbole.config import Config
 
 from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.utils import properties_dir
 
-def _find_properties_dir() -> Path:
-    """``properties/`` installed as package data (``recbole_iisan/properties``, pip install . or a
-    wheel), else the checkout's top-level folder (the source); the first holding overall.yaml."""
-    here = Path(__file__).resolve().parent
-    candidates = (here / "properties", here.parent / "properties")
-    return next((c for c in candidates if (c / "overall.yaml").is_file()), candidates[0])
-
-
-PROPERTIES_DIR = _find_properties_dir()
+PROPERTIES_DIR = properties_dir()
 
 #: plugin model name -> "module:Class"
 PLUGIN_MODELS: dict[str, str] = {
@@ -46,7 +39,7 @@ PLUGIN_MODELS: dict[str, str] = {
     "BitFit": "recbole_iisan.model.baselines:BitFit",
 }
 
-_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,]+)\)")
+_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,<>=.+-]+)\)")  # "(int)", "(int, >= 1)": see checks.py
 _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (float, int),
@@ -160,7 +153,7 @@ def typed_keys(files: Optional[Iterable[str]] = None) -> dict[str, str]:
             m = _TYPED_COMMENT.match(line)
             if not m:
                 continue
-            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t}
+            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t and t[0] not in "<>="}
             if names and names <= set(_TYPES):
                 types.setdefault(m.group(1), set()).update(names)
     return {k: "|".join(sorted(v)) for k, v in types.items()}
@@ -237,6 +230,9 @@ def build_config(
     they win over ``config_dict``, as in RecBole."""
     model_class = get_model_class(model)
     files = config_file_list(model, dataset, config_files)
+    from recbole_iisan.checks import check_config_files, validate_config
+
+    files = check_config_files(files)  # a yaml syntax error or a list: one line naming the file
     overrides = _merge_dict_overrides(files, dict(overrides or {}))
     config_dict = _merge_dict_overrides(files, dict(config_dict or {}))
     config = PluginConfig(
@@ -246,8 +242,10 @@ def build_config(
         config_dict=config_dict,
         cmd_overrides=overrides,
     )
+    config.plugin_files = [f for f in files if Path(f).resolve().is_relative_to(PROPERTIES_DIR.resolve())]
     check_types(config)
     check_metrics(config)
+    validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read
     from recbole_iisan.towers.spec import resolve_towers
 
     resolve_towers(config)

@@ -209,7 +209,10 @@ def prepare_inputs(config: Any, model_class: Optional[type] = None) -> dict[str,
     if needs_item_states(model_class):
         from recbole_iisan.data.cache import ensure_caches
 
-        caches = {t: str(p) for t, p in ensure_caches(config).items()}
+        from recbole_iisan.checks import disk_full_guard
+
+        with disk_full_guard(lambda: _cache_folder(config)):  # a full disk while building: one line
+            caches = {t: str(p) for t, p in ensure_caches(config).items()}
         config["item_state_caches"] = caches
     return caches
 
@@ -236,3 +239,10 @@ def run_distributed(model: str, dataset: str, config_files: Optional[list[str]] 
     kwargs.update({"config_dict": cd, "overrides": overrides, "queue": queue})
     mp.spawn(_run_rank, args=(model, dataset, config_files, kwargs), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
+
+
+def _cache_folder(config: Any) -> str:
+    """Where the preparation step writes: the encoder cache folder."""
+    from recbole_iisan.data.cache import cache_root
+
+    return str(cache_root(config))

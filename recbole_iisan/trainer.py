@@ -1,12 +1,15 @@
 """The Trainer every model of a plugin run uses (IISAN and RecBole's own models alike).
 
-It is RecBole's ``Trainer`` with three additions, none of which changes RecBole's training:
+It is RecBole's ``Trainer`` with four additions, none of which changes RecBole's training:
 - the optimizer takes ``model.param_groups()`` when a model defines it (IISAN's per-group
   learning rates, ``iisan_lr``), through RecBole's own ``_build_optimizer(params=...)`` hook;
 - ``paper_protocol: True`` masks each user's history items at full ranking (the paper's
   protocol; RecBole's default ranks them);
 - it records training-only seconds per epoch, evaluation seconds and the best epoch, which the
-  run report and the benchmarks read.
+  run report and the benchmarks read;
+- checkpoints go through ``recbole_iisan.checkpoint``: atomic saves, one line for a checkpoint
+  that does not load, the per-epoch history saved and restored (a resumed run reports the whole
+  run), and a run resumed from ``ck.pth`` saves to a new name, never over ``ck.pth``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from recbole_iisan import checkpoint
 
 
 def _sync(device: torch.device) -> None:
@@ -31,6 +37,8 @@ class PluginTrainer(Trainer):
         self.train_epoch_seconds: list[float] = []
         self.eval_seconds: list[float] = []
         self.valid_scores: list[float] = []
+        self.valid_results: list[dict] = []
+        self.resumed_from = None  # the checkpoint this run resumed from (never written)
         try:
             self.paper_protocol = bool(config["paper_protocol"])
         except KeyError:
@@ -58,16 +66,30 @@ class PluginTrainer(Trainer):
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.eval_seconds.append(time.perf_counter() - start)
         self.valid_scores.append(float(score))
+        self.valid_results.append({k: float(v) for k, v in (result or {}).items()})
         return score, result
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        path = checkpoint.save_trainer(self, epoch, kwargs.pop("saved_model_file", None))
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint.resume_trainer(self, resume_file)
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            checkpoint.load_into_trainer(self, model_file or self.saved_model_file)
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     @property
     def best_epoch(self) -> int:
         """0-based epoch of the best validation score (-1 before any validation)."""
         if not self.valid_scores:
             return -1
-        scores = np.asarray(self.valid_scores)
-        idx = int(np.argmax(scores) if self.valid_metric_bigger else np.argmin(scores))
-        return (idx + 1) * self.eval_step - 1
+        return (checkpoint.best_index(self.valid_scores, self.valid_metric_bigger) + 1) * self.eval_step - 1
 
     def _full_sort_batch_eval(self, batched_data):
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)

@@ -467,6 +467,9 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
         logger.warning(f"{clash} are given on the command line and in {hyper_file}: the sampled values win")
 
     config = build_config(model, dataset, config_files, user)
+    from recbole_iisan.checks import check_search_space
+
+    check_search_space(params, config, hyper_file)  # every value the space can sample, before Ray starts
     metric = str(config["valid_metric"]).lower()
     max_t = int(config["epochs"])
     eval_step = int(_cfg(config, "eval_step", 1) or 1)

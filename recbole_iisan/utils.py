@@ -11,6 +11,15 @@ from typing import Any, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def properties_dir() -> Path:
+    """The plugin's yaml defaults: ``properties/`` installed as package data
+    (``recbole_iisan/properties``: pip install . or a wheel), else the checkout's top-level folder
+    (the source); the first that holds ``overall.yaml``."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "properties", here.parent / "properties")
+    return next((c for c in candidates if (c / "overall.yaml").is_file()), candidates[0])
+
+
 def config_get(config: Any, key: str, default: Any = None) -> Any:
     """``config[key]``, or ``default`` when the key is absent or ``None``.
 

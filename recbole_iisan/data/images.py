@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,6 +42,9 @@ META_KEY = b"__meta__"
 STORE_FORMAT = "recbole_iisan.images/1"
 MAP_SIZE = 1 << 40  # 1 TiB of address space; the file grows only as data is written
 _COMMIT_EVERY = 512
+#: what reading a damaged zip can raise: a bad header or CRC (BadZipFile), corrupt deflate data
+#: (zlib.error), a member cut short (EOFError), an unsupported compression (NotImplementedError)
+_ZIP_ERRORS = (OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError)
 _VERIFY_BATCH = 64
 
 
@@ -149,8 +153,9 @@ class _Source:
         if self.is_zip:
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise ImageStoreError(f"{self.path}: expected a folder or a .zip file ({exc})") \
+            except _ZIP_ERRORS as exc:
+                raise ImageStoreError(f"{self.path}: expected a folder or a .zip file, this zip cannot "
+                                      f"be read (truncated or damaged?): {type(exc).__name__}: {exc}") \
                     from None
             names = [i.filename for i in self._zip.infolist() if not i.is_dir()]
         else:
@@ -296,8 +301,8 @@ def _build(src: _Source, store: Path, tokens: Optional[List[str]], fingerprint: 
                 for token, name in batch:
                     try:
                         datas.append(src.read(name))
-                    except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
-                        datas.append(exc)
+                    except _ZIP_ERRORS + (RuntimeError,) as exc:
+                        datas.append(exc)  # recorded as unreadable, like a file PIL cannot decode
                 reasons = pool.map(lambda d: d if isinstance(d, Exception) else _verify(d), datas)
                 for (token, _), data, why in zip(batch, datas, reasons):
                     if isinstance(why, Exception):

@@ -1,0 +1,247 @@
+"""Training checkpoints: written atomically, read back with one-line errors.
+
+RecBole's ``Trainer`` saves with ``torch.save`` straight onto the checkpoint path and reads with a
+bare ``torch.load``: a save interrupted by a full disk or a kill leaves a half-written file, and a
+file that does not load ends in a torch traceback. :class:`~recbole_iisan.trainer.PluginTrainer`
+calls this module instead:
+
+- :func:`save` serialises the state in memory and writes it with ``utils.atomic_write_bytes``
+  (temp file in the same folder + fsync + rename): the path holds the previous checkpoint or the
+  new one, never part of one. A full disk raises :class:`~recbole_iisan.errors.CheckpointError`
+  saying so (the previous checkpoint is intact).
+- :func:`load` raises ``CheckpointError`` with one line naming the file and what is wrong (missing,
+  empty, truncated, not a torch file, not a RecBole checkpoint).
+- :func:`load_model_state` / :func:`load_optimizer_state` refuse a checkpoint of another model or
+  of other sizes, naming the first parameter that differs.
+
+The state keeps RecBole's keys (``config``, ``epoch``, ``cur_step``, ``best_valid_score``,
+``state_dict``, ``other_parameter``, ``optimizer``), so RecBole's own tools read it, plus
+:data:`HISTORY_KEY`: the per-epoch history (train seconds, evaluation seconds, validation scores
+and results) that lets a resumed run report the whole run.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from recbole_iisan.checks import is_disk_full
+from recbole_iisan.errors import CheckpointError
+from recbole_iisan.utils import atomic_write_bytes
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+HISTORY_KEY = "plugin_history"
+REQUIRED_KEYS = ("epoch", "state_dict")
+
+
+def save(state: dict, path: PathLike, previous: Optional[PathLike] = None) -> Path:
+    """Write ``state`` to ``path`` atomically; CheckpointError (one line) when that fails, naming
+    the previous checkpoint (``path`` itself if it exists, else ``previous``), which is intact."""
+    p = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf, pickle_protocol=4)
+    try:
+        return atomic_write_bytes(p, buf.getvalue())
+    except OSError as exc:
+        prev = p if p.is_file() else (Path(previous) if previous and Path(previous).is_file() else None)
+        before = (f"the previous checkpoint {prev} is intact (--resume={prev} continues from it)" if prev
+                  else "nothing was written")
+        if is_disk_full(exc, p.parent):
+            raise CheckpointError(f"disk full while saving checkpoint {p}: {before}; free space "
+                                  f"and re-run") from exc
+        raise CheckpointError(f"cannot write checkpoint {p} ({exc.strerror or exc}); {before}") from exc
+
+
+def _unreadable_reason(p: Path, exc: BaseException) -> str:
+    with open(p, "rb") as f:
+        head = f.read(4)
+    size = p.stat().st_size
+    if head.startswith(b"PK") and not zipfile.is_zipfile(p):
+        return f"truncated ({size:,} bytes, the end of the file is missing)"
+    if isinstance(exc, (ModuleNotFoundError, AttributeError, ImportError)):
+        return f"saved by code that is not installed here ({type(exc).__name__}: {exc})"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"not a torch checkpoint or damaged ({type(exc).__name__}: {first[:120]})"
+
+
+def load(path: PathLike, map_location: Any = "cpu") -> dict:
+    """The checkpoint dict at ``path``; CheckpointError naming the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p}: not found" + (" (it is a folder)" if p.is_dir() else ""))
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p}: empty file (0 bytes), not a checkpoint "
+                              f"(an interrupted save by an older version?)")
+    try:
+        ck = torch.load(p, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError...
+        raise CheckpointError(f"checkpoint {p}: cannot be read: {_unreadable_reason(p, exc)}") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"checkpoint {p}: not a RecBole checkpoint (holds a {type(ck).__name__}, "
+                              f"expected a dict with {', '.join(REQUIRED_KEYS)})")
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing or not isinstance(ck.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {p}: not a RecBole training checkpoint (no "
+                              f"{', '.join(repr(k) for k in missing or ['state_dict'])})")
+    return ck
+
+
+def _model_name(ck: dict) -> Optional[str]:
+    try:
+        return str(ck["config"]["model"])
+    except Exception:  # noqa: BLE001  (a checkpoint without a readable config)
+        return None
+
+
+def check_model_name(ck: dict, model: str, path: PathLike) -> None:
+    saved = _model_name(ck)
+    if saved is not None and saved.lower() != str(model).lower():
+        raise CheckpointError(f"checkpoint {path}: holds a {saved} model, this run trains {model}")
+
+
+def _shape(t: Any) -> list:
+    return list(t.shape) if hasattr(t, "shape") else []
+
+
+def load_model_state(model: torch.nn.Module, ck: dict, path: PathLike) -> None:
+    """Load the checkpoint's parameters into ``model``, or refuse with one line naming the first
+    parameter that is missing, extra or of another shape."""
+    own = model.state_dict()
+    theirs = ck["state_dict"]
+    for key, value in own.items():
+        if key in theirs and _shape(theirs[key]) != _shape(value):
+            raise CheckpointError(
+                f"checkpoint {path}: does not fit this model: '{key}' is {_shape(theirs[key])} in the "
+                f"checkpoint and {_shape(value)} in the model (saved with other sizes, e.g. "
+                f"embedding_size / hidden_size?)")
+    missing = [k for k in own if k not in theirs]
+    extra = [k for k in theirs if k not in own]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} parameter(s) missing (e.g. '{missing[0]}')")
+        if extra:
+            parts.append(f"{len(extra)} unknown parameter(s) (e.g. '{extra[0]}')")
+        raise CheckpointError(f"checkpoint {path}: does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(theirs)
+    if hasattr(model, "load_other_parameter"):
+        model.load_other_parameter(ck.get("other_parameter"))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ck: dict, path: PathLike) -> None:
+    state = ck.get("optimizer")
+    if state is None:
+        raise CheckpointError(f"checkpoint {path}: holds no optimizer state (not saved by a training run); "
+                              f"it can be evaluated but not resumed")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run "
+                              f"(another learner or parameter groups: {' '.join(str(exc).split())[:120]})") from None
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def resumed_name(own: PathLike, resumed_from: PathLike) -> str:
+    """Where a resumed run saves: its own new name, never the file it resumed from."""
+    own = str(own)
+    if not same_file(own, resumed_from) and os.path.abspath(own) != os.path.abspath(resumed_from):
+        return own
+    stem, ext = os.path.splitext(own)
+    k = 1
+    while os.path.exists(f"{stem}-resumed{k}{ext}"):
+        k += 1
+    return f"{stem}-resumed{k}{ext}"
+
+
+# --------------------------------------------------------------------------------------------
+# what PluginTrainer calls
+
+def best_index(scores: list, bigger: bool = True) -> int:
+    """Index of the best validation score as RecBole's ``early_stopping`` counts it: a tie with the
+    best so far is an improvement (``>=``), so the LAST of equal best scores (the one saved)."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=float)
+    best = s.max() if bigger else s.min()
+    return int(np.flatnonzero(s == best)[-1])
+
+
+def history_state(trainer: Any) -> dict:
+    """The per-epoch history a resumed run needs to report the whole run."""
+    return {"train_epoch_seconds": list(trainer.train_epoch_seconds), "eval_seconds": list(trainer.eval_seconds),
+            "valid_scores": list(trainer.valid_scores), "valid_results": list(trainer.valid_results)}
+
+
+def save_trainer(trainer: Any, epoch: int, path: Optional[PathLike] = None) -> str:
+    """RecBole's checkpoint state + the history, saved atomically. A run resumed from a file never
+    writes that file: its first save goes to a new name (logged), which becomes
+    ``trainer.saved_model_file``."""
+    path = str(path or trainer.saved_model_file)
+    if epoch < 0 and trainer.resumed_from is not None:
+        # RecBole "saves" epoch -1 when a resumed run has no epoch left to train: the resumed
+        # checkpoint already holds that model, so nothing is written
+        return trainer.saved_model_file
+    if trainer.resumed_from is not None and same_file(path, trainer.resumed_from):
+        path = resumed_name(getattr(trainer, "own_model_file", path), trainer.resumed_from)
+        trainer.saved_model_file = path
+        trainer.logger.info(f"resumed from {trainer.resumed_from} (left as it is): this run saves to {path}")
+    state = {
+        "config": trainer.config,
+        "epoch": epoch,
+        "cur_step": trainer.cur_step,
+        "best_valid_score": trainer.best_valid_score,
+        "state_dict": trainer.model.state_dict(),
+        "other_parameter": trainer.model.other_parameter(),
+        "optimizer": trainer.optimizer.state_dict(),
+        HISTORY_KEY: history_state(trainer),
+    }
+    save(state, path, previous=trainer.resumed_from)
+    return path
+
+
+def resume_trainer(trainer: Any, resume_file: PathLike) -> None:
+    """RecBole's ``resume_checkpoint`` with one-line errors and the history restored."""
+    resume_file = str(resume_file)
+    ck = load(resume_file, map_location=trainer.device)
+    check_model_name(ck, trainer.config["model"], resume_file)
+    load_model_state(trainer.model, ck, resume_file)
+    load_optimizer_state(trainer.optimizer, ck, resume_file)
+    trainer.start_epoch = int(ck["epoch"]) + 1
+    trainer.cur_step = ck.get("cur_step", 0)
+    trainer.best_valid_score = ck.get("best_valid_score", trainer.best_valid_score)
+    history = ck.get(HISTORY_KEY)
+    if isinstance(history, dict):
+        trainer.train_epoch_seconds = list(history.get("train_epoch_seconds", []))
+        trainer.eval_seconds = list(history.get("eval_seconds", []))
+        trainer.valid_scores = list(history.get("valid_scores", []))
+        trainer.valid_results = list(history.get("valid_results", []))
+        if trainer.valid_scores and len(trainer.valid_results) == len(trainer.valid_scores):
+            best = best_index(trainer.valid_scores, trainer.valid_metric_bigger)
+            trainer.best_valid_result = dict(trainer.valid_results[best])
+    else:
+        trainer.logger.warning(f"{resume_file} holds no epoch history (not saved by recbole_iisan): the result "
+                               f"file counts only the epochs run after resuming")
+    # until this run saves a better model (under a new name), the best model is the resumed file
+    trainer.own_model_file = trainer.saved_model_file
+    trainer.saved_model_file = resume_file
+    trainer.resumed_from = resume_file
+    trainer.logger.info(f"checkpoint {resume_file} loaded: resuming at epoch {trainer.start_epoch}; new "
+                        f"checkpoints go to {resumed_name(trainer.own_model_file, resume_file)}")
+
+
+def load_into_trainer(trainer: Any, path: PathLike) -> None:
+    """The best model's parameters before a test evaluation (RecBole's ``load_best_model``)."""
+    ck = load(path, map_location=trainer.device)
+    load_model_state(trainer.model, ck, path)
+    trainer.logger.info(f"Loading model structure and parameters from {path}")

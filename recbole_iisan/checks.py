@@ -1,0 +1,402 @@
+"""Checks of user input that end in one line instead of a traceback (or a silent bad run).
+
+- :func:`validate_config`: documented numeric ranges, enumerated string values and unknown keys
+  of a built config (``config.build_config`` calls it once, after the type check), before any
+  data is loaded.
+- :func:`check_config_files`: every ``--config_files`` yaml parses and holds a mapping.
+- :func:`find_duplicate_keys`: the same ``--key=`` twice on the command line.
+- :func:`check_search_space`: every key of a ``hyper.test`` search space is documented and every
+  value it can sample is valid.
+- :func:`disk_full_guard`: a full disk during a write becomes one line saying so.
+
+Where the rules come from (defaults and docs stay in one place, ``properties/*.yaml``):
+
+- numeric ranges are written in the typed comment after the type, e.g.
+  ``epochs: 100  # (int, >= 1) ...`` or ``hidden_dropout_prob: 0.1  # (float, >= 0, < 1) ...``;
+  a key's range holds wherever the key is used (like its type);
+- enumerations are RecBole's own convention in the description, ``... Range in ['relu', 'gelu'].``,
+  read from the yaml files of the run's model only (``loss_type`` means different things to
+  different models); ``layer_scheme`` / ``deep_layer_scheme`` take the schemes of
+  ``layer_select.SCHEMES`` or a list of block indices;
+- documented keys: RecBole's ``properties`` yaml files (overall, every model, dataset and quick-start
+  file) + the plugin's ``properties/**/*.yaml`` + the per-tower keys ``<tower>_encoder|_fields|
+  _max_length|_pooling``. Unknown keys get a warning with the closest documented key; with
+  ``strict_config: True`` (``--strict``) they are an error.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import difflib
+import errno
+import functools
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import yaml
+
+from recbole_iisan.errors import PluginConfigError, UserError
+from recbole_iisan.utils import properties_dir
+
+PROPERTIES_DIR = properties_dir()
+
+_TYPED_LINE = re.compile(r"^(\w+)\s*:[^#]*#\s*\(([^)]*)\)(.*)$")
+_RANGE_PART = re.compile(r"^(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+_ENUM = re.compile(r"Range in (\[[^\]]*\])")
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b,
+}
+
+#: keys RecBole sets or reads from ``config_dict`` without documenting them in its yaml files, and
+#: keys the plugin reads that are not in ``properties/*.yaml`` yet
+INTERNAL_KEYS = frozenset({
+    "model", "dataset", "MODEL_TYPE", "MODEL_INPUT_TYPE", "device", "single_spec", "local_rank",
+    "world_size", "ip", "port", "nproc", "offset", "eval_type", "valid_metric_bigger",
+    "cache_layers", "cache_rebuild", "encoder_dtype", "raw_dir",
+})
+TOWER_KEY_SUFFIXES = ("_encoder", "_fields", "_max_length", "_pooling")
+LAYER_SCHEME_KEYS = ("layer_scheme", "deep_layer_scheme")
+
+
+# --------------------------------------------------------------------------------------------
+# rules from the yaml typed comments
+
+def _parse_rule(spec: str, tail: str) -> tuple[list[tuple[str, float]], Optional[list]]:
+    """``'int, >= 1'`` + the description -> ([('>=', 1.0)], enumeration or None)."""
+    bounds = []
+    for part in (p.strip() for p in spec.split(",")):
+        m = _RANGE_PART.match(part)
+        if m:
+            bounds.append((m.group(1), float(m.group(2))))
+    enum = None
+    m = _ENUM.search(tail)
+    if m:
+        try:
+            values = ast.literal_eval(m.group(1))
+        except (ValueError, SyntaxError):
+            values = None
+        if isinstance(values, list) and values:
+            enum = values
+    return bounds, enum
+
+
+@functools.lru_cache(maxsize=None)
+def _file_rules(path: str) -> dict[str, tuple[list, Optional[list]]]:
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        m = _TYPED_LINE.match(line)
+        if m:
+            bounds, enum = _parse_rule(m.group(2), m.group(3))
+            if bounds or enum:
+                out[m.group(1)] = (bounds, enum)
+    return out
+
+
+def _plugin_yaml_files() -> list[str]:
+    return [str(p) for p in sorted(PROPERTIES_DIR.rglob("*.yaml"))]
+
+
+def numeric_ranges(files: Optional[Iterable[str]] = None) -> dict[str, list[tuple[str, float]]]:
+    """key -> [(op, bound), ...] from every plugin yaml (a key's range holds for every model)."""
+    out: dict[str, list] = {}
+    for f in files if files is not None else _plugin_yaml_files():
+        for key, (bounds, _) in _file_rules(str(f)).items():
+            if bounds:
+                out[key] = bounds
+    return out
+
+
+def enumerations(files: Iterable[str]) -> dict[str, list]:
+    """key -> allowed values (``Range in [...]``) from ``files``; later files win."""
+    out: dict[str, list] = {}
+    for f in files:
+        for key, (_, enum) in _file_rules(str(f)).items():
+            if enum:
+                out[key] = enum
+    return out
+
+
+def _run_files(config: Any) -> list[str]:
+    """The plugin yaml files this run read (``config.py`` records them on the Config)."""
+    return list(getattr(config, "plugin_files", []) or [])
+
+
+def _fmt_range(bounds: Sequence[tuple[str, float]]) -> str:
+    return " and ".join(f"{op} {b:g}" for op, b in bounds)
+
+
+def check_value(key: str, value: Any, bounds: Sequence[tuple[str, float]] = (), enum: Optional[Sequence] = None,
+                where: str = "") -> None:
+    """Raise PluginConfigError when ``value`` breaks the range or the enumeration of ``key``."""
+    if value is None:
+        return
+    prefix = f"{where}: " if where else ""
+    if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)) or not all(_OPS[op](float(value), b) for op, b in bounds):
+            raise PluginConfigError(f"{prefix}config key '{key}' must be {_fmt_range(bounds)}, got {value!r}")
+    if key in LAYER_SCHEME_KEYS:
+        _check_layer_scheme(key, value, prefix)
+    elif enum and isinstance(value, (str, int, float, bool)) and value not in enum:
+        raise PluginConfigError(f"{prefix}config key '{key}' must be one of {list(enum)}, got {value!r}")
+
+
+def _check_layer_scheme(key: str, value: Any, prefix: str) -> None:
+    from recbole_iisan.towers.layer_select import SCHEMES
+
+    if isinstance(value, str):
+        if value not in SCHEMES:
+            close = difflib.get_close_matches(value, SCHEMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise PluginConfigError(f"{prefix}config key '{key}' must be one of {list(SCHEMES)} or a list of "
+                                    f"block indices, got {value!r}{hint}")
+    elif isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in value):
+            raise PluginConfigError(f"{prefix}config key '{key}': a list of block indices must hold integers "
+                                    f">= 0, got {list(value)!r}")
+
+
+def _rules_for(config: Any) -> tuple[dict, dict]:
+    files = _run_files(config)
+    enums = enumerations(files)
+    return numeric_ranges(), enums
+
+
+def check_ranges(config: Any) -> None:
+    """Documented numeric ranges and enumerations of every key the config holds."""
+    ranges, enums = _rules_for(config)
+    for key in sorted(set(ranges) | set(enums) | set(LAYER_SCHEME_KEYS)):
+        try:
+            value = config[key]
+        except KeyError:
+            continue
+        check_value(key, value, ranges.get(key, ()), enums.get(key))
+
+
+# --------------------------------------------------------------------------------------------
+# unknown keys
+
+def _yaml_keys(path: Path) -> set[str]:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.FullLoader)
+    except (OSError, yaml.YAMLError):
+        return set()
+    return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
+@functools.lru_cache(maxsize=1)
+def documented_keys() -> frozenset:
+    """Every key RecBole's yaml files and the plugin's yaml files document."""
+    import recbole
+
+    rb = Path(recbole.__file__).resolve().parent / "properties"
+    files = [rb / "overall.yaml", rb / "dataset" / "sample.yaml", rb / "dataset" / "ml-100k.yaml"]
+    files += sorted((rb / "model").glob("*.yaml")) + sorted((rb / "quick_start_config").glob("*.yaml"))
+    files += sorted(PROPERTIES_DIR.rglob("*.yaml"))
+    keys: set[str] = set(INTERNAL_KEYS)
+    for f in files:
+        keys |= _yaml_keys(f)
+    return frozenset(keys)
+
+
+def _user_keys(config: Any) -> list[str]:
+    """The keys the user gave: config files, config_dict and the command line."""
+    keys: dict[str, None] = {}
+    for attr in ("file_config_dict", "variable_config_dict", "cmd_config_dict"):
+        d = getattr(config, attr, None)
+        if isinstance(d, dict):
+            keys.update(dict.fromkeys(str(k) for k in d))
+    if not keys and isinstance(config, dict):
+        keys.update(dict.fromkeys(str(k) for k in config))
+    return list(keys)
+
+
+def _tower_names(config: Any) -> list[str]:
+    try:
+        towers = config["towers"]
+    except KeyError:
+        return []
+    if isinstance(towers, str):
+        return [t.strip() for t in towers.split(",") if t.strip()]
+    return [str(t) for t in towers or []]
+
+
+def unknown_keys(config: Any) -> list[tuple[str, Optional[str]]]:
+    """[(key, closest documented key or None)] for every user key nobody documents."""
+    known = documented_keys()
+    towers = _tower_names(config)
+    out = []
+    for key in _user_keys(config):
+        if key in known or any(key == t + s for t in towers for s in TOWER_KEY_SUFFIXES):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        out.append((key, close[0] if close else None))
+    return out
+
+
+def check_unknown_keys(config: Any, strict: bool = False, out=None) -> list[str]:
+    """Warn (stderr) about unknown keys, or raise PluginConfigError for the first when ``strict``."""
+    msgs = []
+    for key, close in unknown_keys(config):
+        hint = f" (did you mean '{close}'?)" if close else ""
+        if strict:
+            raise PluginConfigError(f"unknown config key '{key}'{hint}: no RecBole or plugin yaml documents it "
+                                    f"(strict_config / --strict)")
+        msg = f"unknown config key '{key}'{hint}: nothing reads it; --strict makes this an error"
+        print(f"warning: {msg}", file=out or sys.stderr)
+        msgs.append(msg)
+    return msgs
+
+
+def validate_config(config: Any, strict: Optional[bool] = None) -> None:
+    """Ranges, enumerations and unknown keys of a built config (one line on the first problem)."""
+    check_ranges(config)
+    if strict is None:
+        try:
+            strict = bool(config["strict_config"])
+        except KeyError:
+            strict = False
+    check_unknown_keys(config, strict=strict)
+
+
+# --------------------------------------------------------------------------------------------
+# config files and the command line
+
+def check_config_files(paths: Iterable[str]) -> list[str]:
+    """The yaml files that hold config keys; raises PluginConfigError naming the file (and the line
+    for a syntax error) for a file that does not parse or holds something else than a mapping.
+    Empty files (or only comments) are left out (RecBole cannot read them)."""
+    out = []
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PluginConfigError(f"{path}: not a text (UTF-8) yaml file") from None
+        except OSError as exc:
+            raise PluginConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        try:
+            data = yaml.load(text, Loader=yaml.FullLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise PluginConfigError(f"{where}: yaml syntax error: {problem}") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise PluginConfigError(f"{path}: expected a mapping of config keys (key: value lines), "
+                                    f"got a {type(data).__name__}")
+        out.append(str(path))
+    return out
+
+
+def find_duplicate_keys(argv: Sequence[str]) -> Optional[str]:
+    """The one-line message for the first ``--key=`` given twice with different values, or None."""
+    seen: dict[str, str] = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            continue
+        key, value = arg[2:].split("=", 1)
+        if key in seen and seen[key] != value:
+            return (f"command line: '--{key}' is given twice (--{key}={seen[key]} and --{key}={value}): "
+                    f"give it once")
+        seen.setdefault(key, value)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Tune search spaces
+
+def check_search_space(params: Sequence[Any], config: Any, hyper_file: str) -> None:
+    """Every value a ``hyper.test`` line can sample is valid: each ``choice`` value, and the
+    bounds of ``uniform`` / ``loguniform`` / ``quniform``. Raises ``'<file>:<line>: ...'``."""
+    ranges, enums = _rules_for(config)
+    known = documented_keys()
+    for hp in params:
+        where = f"{hyper_file}:{hp.lineno}"
+        if hp.name not in known and not any(hp.name == t + s for t in _tower_names(config) for s in TOWER_KEY_SUFFIXES):
+            close = difflib.get_close_matches(hp.name, sorted(known), n=1, cutoff=0.75)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise PluginConfigError(f"{where}: unknown config key '{hp.name}'{hint}: no RecBole or plugin yaml "
+                                    f"documents it, so searching over it would change nothing")
+        if hp.kind == "choice":
+            values = list(hp.values)
+        elif hp.kind == "loguniform":
+            values = [math.exp(v) for v in hp.values[:2]]
+        else:
+            values = list(hp.values[:2])
+        for v in values:
+            if hp.name in LAYER_SCHEME_KEYS or hp.name in enums or hp.name in ranges:
+                check_value(hp.name, v, ranges.get(hp.name, ()), enums.get(hp.name), where=where)
+
+
+# --------------------------------------------------------------------------------------------
+# full disks
+
+class DiskFullError(UserError, OSError):
+    """No space left while writing; what was finished is kept."""
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+#: below this much free space an I/O error while writing is taken for a full disk (LMDB reports
+#: a full disk as ``mdb_txn_commit: Input/output error``)
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def is_disk_full(exc: BaseException, path: Union[str, Path, None] = None) -> bool:
+    """Whether ``exc`` is a write that failed for lack of space (ENOSPC / EDQUOT, LMDB's
+    ``DiskError`` or an I/O error on a filesystem with almost no free space)."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    try:
+        import lmdb
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, lmdb.Error) or (isinstance(exc, OSError) and exc.errno == errno.EIO):
+        if isinstance(exc, getattr(lmdb, "DiskError", ())):
+            return True
+        if "Input/output error" in text or (isinstance(exc, OSError) and exc.errno == errno.EIO):
+            return _low_space(path)
+    return False
+
+
+def _low_space(path: Union[str, Path, None]) -> bool:
+    if path is None:
+        return False
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_message(path: Union[str, Path, None]) -> str:
+    return f"disk full while writing {path or 'a file'}: free space and re-run; finished work is kept"
+
+
+@contextlib.contextmanager
+def disk_full_guard(where: Union[str, Path, Callable[[], Any], None]) -> Iterator[None]:
+    """Turn a full disk inside the block into :class:`DiskFullError` with one line naming the
+    path (``where``, or a callable returning it, evaluated only on failure)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        path = getattr(exc, "filename", None)
+        if path is None:
+            try:
+                path = where() if callable(where) else where
+            except Exception:  # noqa: BLE001  (the message is what matters)
+                path = None
+        if is_disk_full(exc, path):
+            raise DiskFullError(disk_full_message(path)) from exc
+        raise
