@@ -4,7 +4,7 @@
   of a built config (``config.build_config`` calls it once, after the type check), before any
   data is loaded.
 - :func:`check_config_files`: every ``--config_files`` yaml parses and holds a mapping.
-- :func:`find_duplicate_keys`: the same ``--key=`` twice on the command line.
+- a key given twice on the command line is refused by ``config.parse_overrides``.
 - :func:`check_search_space`: every key of a ``hyper.test`` search space is documented and every
   value it can sample is valid.
 - :func:`disk_full_guard`: a full disk during a write becomes one line saying so.
@@ -291,20 +291,6 @@ def check_config_files(paths: Iterable[str]) -> list[str]:
                                     f"got a {type(data).__name__}")
         out.append(str(path))
     return out
-
-
-def find_duplicate_keys(argv: Sequence[str]) -> Optional[str]:
-    """The one-line message for the first ``--key=`` given twice with different values, or None."""
-    seen: dict[str, str] = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            continue
-        key, value = arg[2:].split("=", 1)
-        if key in seen and seen[key] != value:
-            return (f"command line: '--{key}' is given twice (--{key}={seen[key]} and --{key}={value}): "
-                    f"give it once")
-        seen.setdefault(key, value)
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ def test_result_file_is_strict_json_without_validation(tiny_data, tmp_path, caps
     (["--model=IISANVS", "--fusion=concat"], "config key 'fusion' must be one of ['gated', 'add'], got 'concat'"),
     (["--model=IISANVS", "--missing_image=skip"], "config key 'missing_image' must be one of ['error', 'zeros']"),
     (["--model=SASRec", "--sanb_sise=8", "--strict"], "unknown config key 'sanb_sise' (did you mean 'sanb_size'?)"),
-    (["--model=SASRec", "--epochs=3", "--epochs=4"], "'--epochs' is given twice (--epochs=3 and --epochs=4)"),
+    (["--model=SASRec", "--epochs=3", "--epochs=4"], "config key 'epochs' is given twice on the command line (3 and 4)"),
 ])
 def test_bad_values_are_one_line_before_any_data_is_read(args, expected, tmp_path, capsys):
     # the dataset does not exist: the config check must come first
@@ -540,5 +540,5 @@ def test_disk_full_during_build_cache_is_one_line(tiny_data, tiny_bert, tmp_path
             "--text2_fields=[title]", f"--cache_dir={cache}"]
     assert build_cache.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert err == [f"build_cache: error: disk full while writing {cache}: free space and re-run; "
+    assert err == [f"error: disk full while writing {cache}: free space and re-run; "
                    f"finished work is kept"]
