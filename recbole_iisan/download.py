@@ -13,11 +13,11 @@ replaces GitHub and Google Drive. Errors print one line and exit with 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
 from recbole_iisan.data.download import ENV_URL, KNOWN_DATASETS
+from recbole_iisan.utils import cli_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%d %b %H:%M", stream=sys.stdout)
+    cli_logging(args.quiet)
     from recbole_iisan.data.download import download_and_prepare
     from recbole_iisan.errors import EXIT_USER_ERROR, UserError
 

@@ -13,13 +13,13 @@ Errors in the input print one line (``<file>:<line>: <what was expected>``) and 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from recbole_iisan.data.prepare import (UNKNOWN_ITEM_POLICIES, PrepareError,
                                         import_dataset_images, prepare_dataset)
+from recbole_iisan.utils import cli_logging
 from recbole_iisan.errors import UserError
 
 
@@ -52,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%d %b %H:%M", stream=sys.stdout)
+    cli_logging(args.quiet)
     options = dict(paper_protocol=args.paper_protocol, min_seq_len=args.min_seq_len,
                    max_seq_len=args.max_seq_len, unknown_items=args.unknown_items,
                    force=args.force)

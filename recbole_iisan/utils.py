@@ -78,3 +78,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def cli_logging(quiet: bool = False) -> None:
+    """Logging of the plugin's small command-line tools (prepare, download): INFO to stdout."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%d %b %H:%M", stream=sys.stdout)

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -54,6 +53,7 @@ _WS = re.compile(r"\s+")
 
 
 from recbole_iisan.errors import PrepareError  # noqa: E402,F401  (re-exported)
+from recbole_iisan.utils import atomic_write_text  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,31 +178,6 @@ def read_users(path: PathLike) -> List[Tuple[str, List[str], int]]:
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, then ``os.replace`` it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _file_stamp(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
