@@ -20,6 +20,21 @@ def properties_dir() -> Path:
     return next((c for c in candidates if (c / "overall.yaml").is_file()), candidates[0])
 
 
+#: datasets RecBole ships inside its package; RecBole reads them from there whatever data_path says
+RECBOLE_BUNDLED = ("ml-100k",)
+
+
+def bundled_dataset_dir(dataset: str, data_path: PathLike) -> Path | None:
+    """RecBole's bundled copy of ``dataset`` (``ml-100k``) when ``data_path`` holds no copy of its
+    own, else None: the one place that knows about RecBole's bundled datasets."""
+    if dataset not in RECBOLE_BUNDLED or (Path(data_path) / dataset / f"{dataset}.inter").is_file():
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("recbole")
+    return Path(spec.origin).parent / "dataset_example" / dataset if spec and spec.origin else None
+
+
 def config_get(config: Any, key: str, default: Any = None) -> Any:
     """``config[key]``, or ``default`` when the key is absent or ``None``.
 

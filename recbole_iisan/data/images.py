@@ -31,7 +31,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import lmdb
 from PIL import Image
 
-from recbole_iisan.errors import ImageStoreError, PrepareError  # noqa: F401
+from recbole_iisan.errors import ImageStoreError
+from recbole_iisan.utils import bundled_dataset_dir
 
 logger = logging.getLogger("recbole_iisan.images")
 
@@ -68,8 +69,7 @@ def default_image_store_path(data_path: PathLike, dataset: str) -> Path:
     ``user_data_dir(dataset)/<dataset>_images.lmdb``: never inside site-packages, and the same
     place for ``prepare --images`` and for the run."""
     folder = Path(data_path) / dataset
-    bundled = dataset == "ml-100k" and not (folder / f"{dataset}.inter").is_file()
-    if bundled or in_installed_package(folder):
+    if bundled_dataset_dir(dataset, data_path) is not None or in_installed_package(folder):
         return user_data_dir(dataset) / f"{dataset}_images.lmdb"
     return folder / f"{dataset}_images.lmdb"
 

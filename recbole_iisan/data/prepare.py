@@ -53,7 +53,7 @@ _WS = re.compile(r"\s+")
 
 
 from recbole_iisan.errors import PrepareError  # noqa: E402,F401  (re-exported)
-from recbole_iisan.utils import atomic_write_text  # noqa: E402
+from recbole_iisan.utils import atomic_write_text, bundled_dataset_dir  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,11 +362,8 @@ def import_dataset_images(dataset: str, data_path: PathLike, images: PathLike) -
 
     The item tokens come from ``<data_path>/<dataset>/<dataset>.item`` or, for ``ml-100k``
     when that file is absent, from RecBole's bundled copy."""
-    item_file = Path(data_path) / dataset / f"{dataset}.item"
-    if not item_file.is_file() and dataset == "ml-100k":
-        import recbole
-
-        item_file = Path(recbole.__file__).parent / "dataset_example" / "ml-100k" / "ml-100k.item"
+    bundled = bundled_dataset_dir(dataset, data_path)
+    item_file = (bundled or Path(data_path) / dataset) / f"{dataset}.item"
     if not item_file.is_file():
         raise PrepareError(f"{item_file}: file not found (prepare the dataset first, or give "
                            f"--raw_dir)")
