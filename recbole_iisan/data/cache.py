@@ -556,42 +556,33 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
     store_layers = layers
     why: str | None = None
     if (folder / MANIFEST).is_file():
-        try:
+        complete = is_complete(folder)
+        try:  # everything that identifies the stored values, before they are trusted
             old = read_manifest(folder)
-        except CacheError as exc:
-            old, why = {}, str(exc)
-        old_layers = old.get("layers") if isinstance(old.get("layers"), list) else []
-        old_layers = [x for x in old_layers if isinstance(x, int) and 0 <= x <= info.n_layers]
-        same = old.get("identity") == ident
-        covered = bool(old_layers) and set(layers) <= set(old_layers)
-        if why is not None:
-            pass
-        elif not same:
-            why = "its manifest is for other settings"
-        elif not covered:
-            why = f"cache {folder.name} stores layers {old_layers}, model needs {layers}"
-        elif is_complete(folder):
-            try:
+            _check_manifest(folder, old)
+            if old.get("identity") != ident:
+                raise _damaged(folder, f"its {MANIFEST} identity differs from the settings its name stands for")
+            if complete:
                 verify_cache(folder)
-            except CacheError as exc:
-                why = str(exc)
+            elif (folder / DATA).exists():
+                _lmdb_header(folder)
+        except CacheError as exc:
+            why = str(exc)
+        else:
+            old_layers = [int(x) for x in old["layers"]]
+            if set(layers) <= set(old_layers):
+                if complete:
+                    logger.info(f"cache {spec.name}: reusing {folder} (stores hidden states {old_layers}, "
+                                f"model reads {layers}; every value verified)")
+                    return folder
+                store_layers = old_layers  # resume an interrupted build
             else:
-                logger.info(f"cache {spec.name}: reusing {folder} (stores hidden states {old_layers}, "
-                            f"model reads {layers}; every value verified)")
-                return folder
-        else:  # an interrupted build: resume it if what it stored is sound
-            try:
-                _check_manifest(folder, old)
-                if (folder / DATA).exists():
-                    _lmdb_header(folder)
-                store_layers = old_layers
-            except CacheError as exc:
-                why = str(exc)
+                why = f"cache {folder.name} stores layers {old_layers}, model needs {layers}"
+                if complete:
+                    store_layers = sorted(set(layers) | set(old_layers))
         if why is not None:
             if policy == "never":
                 raise CacheError(f"{why} and cache_rebuild is 'never': set cache_rebuild: auto or delete {folder}")
-            if same and old_layers:
-                store_layers = sorted(set(layers) | set(old_layers))
             logger.warning(f"{why}: rebuilding {folder} with hidden states {store_layers}")
             shutil.rmtree(folder)
     elif (folder / DATA).exists():
