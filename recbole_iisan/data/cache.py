@@ -803,9 +803,38 @@ def _worker_threads(workers: int) -> int:
     return max(1, torch.get_num_threads() // workers)
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _exit_with_caller(caller: int) -> None:
+    """A worker whose caller died (SIGKILL leaves it no time to stop its workers) ends too."""
+    import threading
+
+    def watch() -> None:
+        while _process_alive(caller):
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-caller", daemon=True).start()
+
+
 def _worker_init(spec: TowerSpec, devices: Any, encoder_dtype: str, threads: int, layers: list[int],
-                 dtype: str, store: Any) -> None:
+                 dtype: str, store: Any, caller: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if caller is not None:
+        _exit_with_caller(caller)
     torch.set_num_threads(threads)
     device = devices.get() if hasattr(devices, "get") else devices
     _WORKER.update(encoder=_enc.load_frozen_encoder(spec, device, encoder_dtype), layers=layers,
@@ -825,22 +854,29 @@ def _cuda_devices(device: str, workers: int) -> list[str]:
 
 
 class _LocalRunner:
-    """``workers`` spawned processes, each holding the encoder; batches are handed out in the
-    global order, at most two in flight per worker; results come back in any order."""
+    """``workers`` local processes, each holding the encoder; batches are handed out in the
+    global order, at most two in flight per worker; results come back in any order. (Started
+    with forkserver or spawn: a script that builds caches needs ``if __name__ == "__main__":``.)"""
 
     def __init__(self, spec: TowerSpec, device: str, encoder_dtype: str, layers: list[int], dtype: str,
                  store: Any, workers: int) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        ctx = multiprocessing.get_context("spawn")
+        # forkserver: one server process imports the package once and forks the workers (no
+        # re-import per worker; no fork of a process whose OpenMP threads already run)
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+        else:
+            ctx = multiprocessing.get_context("spawn")
         self.devices = ctx.Queue()
         for d in _cuda_devices(device, workers):
             self.devices.put(d)
         self.workers, self.threads = workers, _worker_threads(workers)
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                         initargs=(spec, self.devices, encoder_dtype, self.threads, layers,
-                                                  dtype, store))
+                                                  dtype, store, os.getpid()))
 
     def describe(self) -> str:
         return f"{self.workers} local worker processes ({self.threads} torch threads each)"
@@ -853,7 +889,10 @@ class _LocalRunner:
         nxt = 0
         while nxt < len(payloads) or pending:
             while nxt < len(payloads) and len(pending) < 2 * self.workers:
-                pending[self.pool.submit(_worker_encode, nxt, payloads[nxt])] = nxt
+                try:
+                    pending[self.pool.submit(_worker_encode, nxt, payloads[nxt])] = nxt
+                except BrokenProcessPool as exc:
+                    raise _WorkerDied(" ".join(str(exc).split()) or "a worker process ended") from None
                 nxt += 1
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for f in sorted(finished, key=pending.__getitem__):
