@@ -1,7 +1,7 @@
 """Build (or check) the frozen-encoder caches of a dataset before training.
 
     python -m recbole_iisan.build_cache --dataset Scientific --data_path dataset/ \
-        [--model IISANVA] [--config_files a.yaml b.yaml] [--key=value ...]
+        [--model IISANVA] [--config_files a.yaml b.yaml] [--shards N [--ray_address ADDR]] [--key=value ...]
 
 Config = ``properties/overall.yaml`` + ``properties/<model>.yaml`` + ``properties/<dataset>.yaml``
 (those that exist) + ``--config_files`` + ``--key=value`` overrides (values parsed as YAML), as a
@@ -44,6 +44,8 @@ def build_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--model", "-m", default=None)
     parser.add_argument("--config_files", nargs="+", default=[])
+    parser.add_argument("--shards", type=int, default=None,
+                        help="encoder worker processes (cache_shards); with --ray_address=ADDR Ray actors")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, Any] = {}
     i = 0
@@ -67,6 +69,8 @@ def build_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for f in config_file_list(args.model or "IISANVA", args.dataset, user_files):
         config.update(_load_yaml(Path(f)))
     config.update(overrides)
+    if args.shards is not None:
+        config["cache_shards"] = args.shards
     config["dataset"] = args.dataset
     if args.model:
         config["model"] = args.model

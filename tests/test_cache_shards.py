@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from recbole_iisan.data.cache import CacheError, ensure_cache, load_states  # noqa: E402
 from recbole_iisan.data.towers import TowerSpec  # noqa: E402
 from test_cache import cfg, items, lmdb_dump  # noqa: E402
-from test_encoders import make_tiny_bert, make_tiny_llama  # noqa: E402
+from test_encoders import make_tiny_bert, make_tiny_llama, make_tiny_vit, random_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N = 70  # 9 batches of 8 (the last one short), texts of 1..11 words: batches of different widths
@@ -49,6 +49,22 @@ def test_two_shards_store_exactly_what_one_process_stores(tiny, tmp_path, caplog
     m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (one, two))
     assert m2["store"]["entries"] == m1["store"]["entries"] == N
     assert torch.equal(load_states(two, tokens, [2, 4])[0], load_states(one, tokens, [2, 4])[0])
+
+
+def test_image_tower_two_shards_equal_one_process(tmp_path):
+    """Image batches are read from the LMDB image store inside each worker."""
+    images = pytest.importorskip("recbole_iisan.data.images")
+    tokens = [f"I{i:03d}" for i in range(20)]
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for tok, img in zip(tokens, random_images(len(tokens))):
+        img.save(src / f"{tok}.png")
+    images.import_images(src, tmp_path / "store.lmdb", item_tokens=tokens, progress=False)
+    store = images.ImageStore(tmp_path / "store.lmdb")
+    spec = TowerSpec("image", "image", str(make_tiny_vit(tmp_path / "vit")))
+    one = ensure_cache(cfg(tmp_path / "a"), spec, [0, 2], tokens, image_store=store)
+    two = ensure_cache(cfg(tmp_path / "b", cache_shards=2), spec, [0, 2], tokens, image_store=store)
+    assert len(lmdb_dump(two)) == 20 and lmdb_dump(two) == lmdb_dump(one)
 
 
 def test_killed_worker_then_resume_equals_one_process_build(tiny, tmp_path, caplog):
@@ -122,3 +138,27 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_ray_actors_store_exactly_what_one_process_stores(tiny, tmp_path, caplog):
+    """``ray_address`` set: the shards are Ray actors (here a new local instance, 2 CPUs)."""
+    pytest.importorskip("ray")
+    tokens, texts = items(N, seed=14)
+    spec = TowerSpec("text", "text", str(tiny["bert"]), ("title",), 12)
+    one = ensure_cache(cfg(tmp_path / "a"), spec, [0, 4], tokens, texts)
+    with caplog.at_level(logging.INFO, logger="recbole_iisan.cache"):
+        two = ensure_cache(cfg(tmp_path / "b", cache_shards=2, ray_address="local"), spec, [0, 4], tokens, texts)
+    assert "over 2 Ray actors (1 CPU each)" in caplog.text
+    assert lmdb_dump(two) == lmdb_dump(one)
+
+
+def test_build_cache_shards_option(tmp_path, capsys):
+    from recbole_iisan import build_cache
+
+    argv = ["--dataset", "toy", "--data_path", str(tmp_path)]
+    assert build_cache.build_config(argv)["cache_shards"] == 1  # properties/overall.yaml
+    assert build_cache.build_config(argv + ["--shards", "3"])["cache_shards"] == 3
+    assert build_cache.build_config(argv + ["--cache_shards=2", "--ray_address=auto"])["ray_address"] == "auto"
+    tokens, texts = items(4)
+    with pytest.raises(CacheError, match="config key 'cache_shards': expected an integer >= 1, got 0"):
+        ensure_cache(cfg(tmp_path, cache_shards=0), TowerSpec("text", "text", "x"), [0], tokens, texts)

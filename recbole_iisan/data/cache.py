@@ -509,6 +509,7 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
     if policy not in ("auto", "never"):
         raise CacheError(f"config key 'cache_rebuild': expected auto or never, got {policy!r}")
     batch_size = int(_get(config, "encoder_batch_size", 64))
+    _shards(config)
     tokens = [str(t) for t in item_tokens]
     if len(set(tokens)) != len(tokens):
         raise CacheError(f"tower '{spec.name}': the item tokens are not unique")
@@ -656,9 +657,7 @@ def _build(config: Mapping, spec: TowerSpec, folder: Path, layers: list[int], to
     pages = -(-(value_bytes + 64) // 4096) + 1
     map_size = int(len(tokens) * pages * 4096 * 1.5) + 64 * 2**20
     device = _get(config, "device", "cpu") or "cpu"
-    n_shards = int(_get(config, "cache_shards", 1))
-    if n_shards < 1:
-        raise CacheError(f"config key 'cache_shards': expected an integer >= 1, got {n_shards}")
+    n_shards = _shards(config)
     want = {t.encode("utf-8") for t in tokens}
     env = _open_env(folder, map_size)
     try:
@@ -736,6 +735,13 @@ def _build(config: Mapping, spec: TowerSpec, folder: Path, layers: list[int], to
              "checksum": "crc32: 4 bytes little-endian after each value, crc32(value, crc32(key, seed)), "
                          "seed = crc32 of the folder digest and the stored layers"}
     return seconds, done, store
+
+
+def _shards(config: Mapping) -> int:
+    n = _get(config, "cache_shards", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CacheError(f"config key 'cache_shards': expected an integer >= 1, got {n!r}")
+    return n
 
 
 def _put_batch(env: Any, keys: list[bytes], arr: np.ndarray, seed: int) -> None:
