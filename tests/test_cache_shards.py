@@ -51,7 +51,7 @@ def test_two_shards_store_exactly_what_one_process_stores(tiny, tmp_path, caplog
     assert torch.equal(load_states(two, tokens, [2, 4])[0], load_states(one, tokens, [2, 4])[0])
 
 
-def test_image_tower_two_shards_equal_one_process(tmp_path):
+def test_image_tower_two_shards_equal_one_process(tmp_path, caplog):
     """Image batches are read from the LMDB image store inside each worker."""
     images = pytest.importorskip("recbole_iisan.data.images")
     tokens = [f"I{i:03d}" for i in range(20)]
@@ -63,7 +63,9 @@ def test_image_tower_two_shards_equal_one_process(tmp_path):
     store = images.ImageStore(tmp_path / "store.lmdb")
     spec = TowerSpec("image", "image", str(make_tiny_vit(tmp_path / "vit")))
     one = ensure_cache(cfg(tmp_path / "a"), spec, [0, 2], tokens, image_store=store)
-    two = ensure_cache(cfg(tmp_path / "b", cache_shards=2), spec, [0, 2], tokens, image_store=store)
+    with caplog.at_level(logging.INFO, logger="recbole_iisan.cache"):
+        two = ensure_cache(cfg(tmp_path / "b", cache_shards=2), spec, [0, 2], tokens, image_store=store)
+    assert "20 items in 3 batches over 2 local worker processes" in caplog.text
     assert len(lmdb_dump(two)) == 20 and lmdb_dump(two) == lmdb_dump(one)
 
 
