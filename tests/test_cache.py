@@ -281,6 +281,9 @@ def write_dataset(root: Path, n: int = 12) -> tuple[list[str], list[str]]:
     for i, (t, x) in enumerate(zip(tokens, texts)):
         rows.append(f"{t}\t{x if i != 3 else ''}\t{'acme' if i % 2 else ''}")
     (d / "toy.item").write_text("\n".join(rows) + "\n")
+    inter = ["user_id:token\titem_id:token\ttimestamp:float"] + [f"u{u}\t{t}\t{k}" for u in range(3)
+                                                                 for k, t in enumerate(tokens)]
+    (d / "toy.inter").write_text("\n".join(inter) + "\n")  # atomic files: the run's pipeline needs both
     return tokens, texts
 
 
@@ -371,10 +374,7 @@ def test_build_cache_cli(tiny, tmp_path, capsys):
     assert build_cache.main(["--dataset", "nope", "--data_path", str(tmp_path), "--text_encoder=x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset 'nope' not found" in err
-    tokens, _ = write_dataset(tmp_path)
-    inter = ["user_id:token\titem_id:token\ttimestamp:float"] + [f"u{u}\t{t}\t{k}" for u in range(3)
-                                                                 for k, t in enumerate(tokens)]
-    (tmp_path / "data" / "toy" / "toy.inter").write_text("\n".join(inter) + "\n")
+    write_dataset(tmp_path)
     yml = tmp_path / "extra.yaml"
     yml.write_text(f"towers: [text, text2]\ntext_encoder: {tiny['bert']}\n")
     argv = ["--dataset", "toy", "--data_path", str(tmp_path / "data"), "--config_files", str(yml),

@@ -639,7 +639,6 @@ def _build(config: Mapping, spec: TowerSpec, folder: Path, layers: list[int], to
            ) -> tuple[float, int, dict[str, Any]]:
     """Encode the items not stored yet, one LMDB transaction per batch, by this process or by
     ``cache_shards`` workers; check every stored value. Returns (seconds, n encoded, store record)."""
-    import lmdb
     from tqdm import tqdm
 
     row_bytes = len(layers) * info.dim * _np_dtype(dtype).itemsize
