@@ -1,13 +1,23 @@
 """IISAN's training and evaluation speed next to RecBole's SASRec, on the same data and machine.
 
     python benchmarks/train_speed.py --dataset=Scientific [--models=SASRec,IISANVS,IISANVA]
-        [--epochs=2] [--key=value ...]
+        [--epochs=2] [--levers=base,bf16,tbs256] [--key=value ...]
 
 Each model runs in a fresh process (so its peak memory is its own) through the plugin's normal
 path (same split, batch size and evaluator) for ``--epochs`` epochs; the encoder caches are built
 before timing starts. Prints training-only seconds per epoch, seconds per full-ranking
 evaluation pass, peak memory (CUDA max allocated on GPU, process peak RSS on CPU) and each
-model's ratio to the first model (the baseline).
+run's ratio to the first model's ``base`` run (the baseline, normally SASRec) of the same
+invocation.
+
+Speed levers (``--levers``, each one run per model it applies to; ``base`` = the defaults):
+
+* ``bf16``: bfloat16 autocast on the CPU. Training: RecBole's own ``enable_amp: True``, which
+  wraps each training step (``calculate_loss``) in ``torch.autocast('cpu')``, whose CPU dtype
+  is bfloat16 (``mixed_precision: bf16`` only applies on CUDA). Evaluation: each full-sort
+  batch (item table + scores) runs under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
+* ``tbs256``: ``tower_batch_size: 256`` instead of 4096 (items per tower pass when the item
+  table is built for evaluation); IISAN models only.
 """
 from __future__ import annotations
 
@@ -17,39 +27,107 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+LEVERS = {
+    "base": {},
+    "bf16": {"enable_amp": True},
+    "tbs256": {"tower_batch_size": 256},
+}
+IISAN_ONLY = {"tbs256"}
+
+
+def _speed_child(model, dataset, config_dict, bf16_eval, queue) -> None:
+    """One run in a fresh process; with ``bf16_eval`` the full-sort evaluation runs under CPU
+    bfloat16 autocast."""
+    import torch
+
+    from recbole_iisan.quick_start import run
+
+    try:
+        if bf16_eval:
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # what enable_amp uses on CPU
+            from recbole_iisan.trainer import PluginTrainer
+
+            original = PluginTrainer._full_sort_batch_eval
+
+            def _full_sort_batch_eval_bf16(self, batched_data):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return original(self, batched_data)
+
+            PluginTrainer._full_sort_batch_eval = _full_sort_batch_eval_bf16
+        run(model, dataset, None, config_dict, queue=queue)
+    except Exception as exc:  # noqa: BLE001  (reported in the table, the other runs go on)
+        queue.put({"model": model, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run(model, dataset, config_dict, bf16_eval) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    proc = ctx.Process(target=_speed_child, args=(model, dataset, config_dict, bf16_eval, queue))
+    proc.start()
+    proc.join()
+    if queue.empty():
+        return {"model": model, "error": f"exit code {proc.exitcode}"}
+    return queue.get()
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="Scientific")
     p.add_argument("--models", default="SASRec,IISANVS,IISANVA")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--levers", default="base", help=f"comma-separated, of {list(LEVERS)}")
     args, rest = p.parse_known_args()
     sys.argv = [sys.argv[0]] + rest  # RecBole's Config reads the --key=value overrides itself
+    levers = [l for l in args.levers.split(",") if l]
+    unknown = [l for l in levers if l not in LEVERS]
+    if unknown or "base" not in levers:
+        p.error(f"--levers: expected 'base' and any of {list(LEVERS)}, got {levers}")
 
     import recbole_iisan  # noqa: F401
-    from recbole_iisan.cli import _run_in_subprocess, markdown_table
+    from recbole_iisan.cli import markdown_table
     from recbole_iisan.quick_start import prepare_inputs
 
     models = [m for m in args.models.split(",") if m]
     config_dict = {"epochs": args.epochs, "stopping_step": 10**6, "show_progress": False}
     for m in models:
         prepare_inputs(m, args.dataset, None, config_dict)
-    results = [_run_in_subprocess(m, args.dataset, None, config_dict) for m in models]
-    base = results[0]
+    runs = []
+    for lever in levers:
+        for m in models:
+            if lever in IISAN_ONLY and not m.startswith("IISAN"):
+                continue
+            r = _run(m, args.dataset, dict(config_dict, **LEVERS[lever]), bf16_eval=(lever == "bf16"))
+            r["lever"] = lever
+            runs.append(r)
+            print(f"{m} [{lever}]: " + (r["error"] if "error" in r else
+                  f"train {r['train_seconds_per_epoch']:.2f} s/epoch, eval {r['eval_seconds_per_pass']:.2f} s/pass, "
+                  f"test {r.get('test_result')}"), flush=True)
+    base = runs[0]
     rows = []
-    for r in results:
+    for r in runs:
         if "error" in r:
-            rows.append({"model": r["model"], "train s/epoch": "failed: " + r["error"][:60]})
+            rows.append({"model": r["model"], "lever": r["lever"], "train s/epoch": "failed: " + r["error"][:60]})
             continue
         mem = r["peak_memory"]
         peak = mem.get("cuda_max_allocated", mem["peak_rss"])
         base_peak = base["peak_memory"].get("cuda_max_allocated", base["peak_memory"]["peak_rss"])
+        same_model_base = next((b for b in runs if b["model"] == r["model"] and b["lever"] == "base"
+                                and "error" not in b), None)
+        test = r.get("test_result") or {}
         rows.append({
             "model": r["model"],
+            "lever": r["lever"],
             "train s/epoch": f"{r['train_seconds_per_epoch']:.2f}",
             f"x {base['model']}": f"{r['train_seconds_per_epoch'] / base['train_seconds_per_epoch']:.2f}",
+            "x own base": (f"{r['train_seconds_per_epoch'] / same_model_base['train_seconds_per_epoch']:.2f}"
+                           if same_model_base else ""),
             "eval s/pass": f"{r['eval_seconds_per_pass']:.2f}",
             f"eval x {base['model']}": f"{r['eval_seconds_per_pass'] / base['eval_seconds_per_pass']:.2f}",
+            "eval x own base": (f"{r['eval_seconds_per_pass'] / same_model_base['eval_seconds_per_pass']:.2f}"
+                                if same_model_base else ""),
+            "test ndcg@10": f"{test.get('ndcg@10', float('nan')):.4f}",
             "peak memory MB": f"{peak / 2**20:.0f}",
             f"memory x {base['model']}": f"{peak / base_peak:.2f}",
             "trainable params": f"{r['trainable_parameters']:,}",
@@ -57,7 +135,7 @@ def main() -> None:
     cols = list(rows[0].keys()) if rows else []
     for r in rows:
         cols += [c for c in r if c not in cols]
-    print(f"\n{args.dataset}: {args.epochs} epoch(s) per model, device {base.get('device', '?')}")
+    print(f"\n{args.dataset}: {args.epochs} epoch(s) per run, device {base.get('device', '?')}")
     print(markdown_table(rows, cols))
 
 
