@@ -8,7 +8,9 @@ path (same split, batch size and evaluator) for ``--epochs`` epochs; the encoder
 before timing starts. Prints training-only seconds per epoch, seconds per full-ranking
 evaluation pass, peak memory (CUDA max allocated on GPU, process peak RSS on CPU) and each
 run's ratio to the first model's ``base`` run (the baseline, normally SASRec) of the same
-invocation.
+invocation, both in wall seconds and in the process's CPU seconds (``time.process_time`` around
+each training epoch / evaluation pass; with OMP_NUM_THREADS=1 it is what the work costs, and it
+stays meaningful when other jobs load the machine, which wall seconds do not).
 
 Speed levers (``--levers``, each one run per model it applies to; ``base`` = the defaults):
 
@@ -42,6 +44,22 @@ def _speed_child(model, dataset, config_dict, bf16_eval, queue) -> None:
 
     from recbole_iisan.quick_start import run
 
+    import time
+
+    from recbole_iisan.trainer import PluginTrainer
+
+    cpu = {"train": [], "eval": []}
+
+    def timed(method, key):
+        def wrapper(self, *a, **kw):
+            t0 = time.process_time()  # this process's CPU seconds: robust to other load on the machine
+            out = method(self, *a, **kw)
+            cpu[key].append(time.process_time() - t0)
+            return out
+        return wrapper
+
+    PluginTrainer._train_epoch = timed(PluginTrainer._train_epoch, "train")
+    PluginTrainer._valid_epoch = timed(PluginTrainer._valid_epoch, "eval")
     try:
         if bf16_eval:
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # what enable_amp uses on CPU
@@ -54,7 +72,10 @@ def _speed_child(model, dataset, config_dict, bf16_eval, queue) -> None:
                     return original(self, batched_data)
 
             PluginTrainer._full_sort_batch_eval = _full_sort_batch_eval_bf16
-        run(model, dataset, None, config_dict, queue=queue)
+        result = run(model, dataset, None, config_dict)
+        result["train_cpu_seconds_per_epoch"] = sum(cpu["train"]) / max(1, len(cpu["train"]))
+        result["eval_cpu_seconds_per_pass"] = sum(cpu["eval"]) / max(1, len(cpu["eval"]))
+        queue.put(result)
     except Exception as exc:  # noqa: BLE001  (reported in the table, the other runs go on)
         queue.put({"model": model, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -102,7 +123,8 @@ def main() -> None:
             r["lever"] = lever
             runs.append(r)
             print(f"{m} [{lever}]: " + (r["error"] if "error" in r else
-                  f"train {r['train_seconds_per_epoch']:.2f} s/epoch, eval {r['eval_seconds_per_pass']:.2f} s/pass, "
+                  f"train {r['train_seconds_per_epoch']:.2f} s/epoch ({r['train_cpu_seconds_per_epoch']:.2f} CPU s), "
+                  f"eval {r['eval_seconds_per_pass']:.2f} s/pass ({r['eval_cpu_seconds_per_pass']:.2f} CPU s), "
                   f"test {r.get('test_result')}"), flush=True)
     base = runs[0]
     rows = []
@@ -116,6 +138,7 @@ def main() -> None:
         same_model_base = next((b for b in runs if b["model"] == r["model"] and b["lever"] == "base"
                                 and "error" not in b), None)
         test = r.get("test_result") or {}
+        cpu_t, cpu_e = r["train_cpu_seconds_per_epoch"], r["eval_cpu_seconds_per_pass"]
         rows.append({
             "model": r["model"],
             "lever": r["lever"],
@@ -127,6 +150,14 @@ def main() -> None:
             f"eval x {base['model']}": f"{r['eval_seconds_per_pass'] / base['eval_seconds_per_pass']:.2f}",
             "eval x own base": (f"{r['eval_seconds_per_pass'] / same_model_base['eval_seconds_per_pass']:.2f}"
                                 if same_model_base else ""),
+            "train CPU s": f"{cpu_t:.2f}",
+            f"CPU x {base['model']}": f"{cpu_t / base['train_cpu_seconds_per_epoch']:.2f}",
+            "CPU x own base": (f"{cpu_t / same_model_base['train_cpu_seconds_per_epoch']:.2f}"
+                               if same_model_base else ""),
+            "eval CPU s": f"{cpu_e:.2f}",
+            f"eval CPU x {base['model']}": f"{cpu_e / base['eval_cpu_seconds_per_pass']:.2f}",
+            "eval CPU x own base": (f"{cpu_e / same_model_base['eval_cpu_seconds_per_pass']:.2f}"
+                                    if same_model_base else ""),
             "test ndcg@10": f"{test.get('ndcg@10', float('nan')):.4f}",
             "peak memory MB": f"{peak / 2**20:.0f}",
             f"memory x {base['model']}": f"{peak / base_peak:.2f}",
