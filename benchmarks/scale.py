@@ -325,15 +325,16 @@ def phase_model(a: argparse.Namespace) -> dict:
     trainer = _trainer_for(config, model)
     n_train = len(train_data._dataset)
     reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer._train_epoch(train_data, 0)
-    train_s = time.perf_counter() - t0
+    train_s, train_c = time.perf_counter() - t0, time.process_time() - c0
     out.update({"n_items": ds.item_num - 1, "train_sequences": n_train, "train_s": round(train_s, 2),
                 "train_s_per_1k_seq": round(train_s / (n_train / 1000), 3),
+                "train_cpu_s_per_1k_seq": round(train_c / (n_train / 1000), 3),
                 "train_peak_gb": gb(proc_status()["VmHWM"])})
     model.eval()
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if hasattr(model, "item_table"):
             model.invalidate_item_table()
             model.item_table()
@@ -341,15 +342,16 @@ def phase_model(a: argparse.Namespace) -> dict:
             # (RecBole's evaluate calls model.eval(), which would drop it), so they time scoring only
             model.invalidate_item_table = lambda: None
         out["item_table_s"] = round(time.perf_counter() - t0, 2)
+        out["item_table_cpu_s"] = round(time.process_time() - c0, 2)
         reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rb = trainer.evaluate(test_data, load_best_model=False)
-        rb_s = time.perf_counter() - t0
+        rb_s, rb_c = time.perf_counter() - t0, time.process_time() - c0
         rb_peak = proc_status()["VmHWM"]
         reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         st = evaluate_full_sort_streaming(trainer, test_data, chunk_items=a.chunk_items)
-        st_s = time.perf_counter() - t0
+        st_s, st_c = time.perf_counter() - t0, time.process_time() - c0
         st_peak = proc_status()["VmHWM"]
     n_users = len(test_data._dataset)
     out.update({
@@ -357,6 +359,8 @@ def phase_model(a: argparse.Namespace) -> dict:
         "eval_s_per_1k_users": round(rb_s / (n_users / 1000), 3),
         "eval_peak_gb": gb(rb_peak),
         "stream_eval_s_per_1k_users": round(st_s / (n_users / 1000), 3),
+        "eval_cpu_s_per_1k_users": round(rb_c / (n_users / 1000), 3),
+        "stream_eval_cpu_s_per_1k_users": round(st_c / (n_users / 1000), 3),
         "stream_eval_peak_gb": gb(st_peak),
         "ndcg@10": round(float(rb["ndcg@10"]), 6), "hit@10": round(float(rb["hit@10"]), 6),
         "stream_equal": all(abs(float(rb[k]) - float(st[k])) < 1e-9 for k in rb),
@@ -395,7 +399,9 @@ def child_main(a: argparse.Namespace) -> None:
 
 
 COLUMNS = ["n_items", "phase", "cache_build_items_per_s", "cache_bytes_per_item", "load_s", "load_rss_gb",
-           "train_s_per_1k_seq", "x_SASRec_train", "item_table_s", "eval_s_per_1k_users",
+           "train_s_per_1k_seq", "x_SASRec_train", "train_cpu_s_per_1k_seq", "x_SASRec_train_cpu",
+           "item_table_s", "item_table_cpu_s", "eval_s_per_1k_users", "eval_cpu_s_per_1k_users",
+           "stream_eval_cpu_s_per_1k_users", "x_SASRec_eval_cpu",
            "stream_eval_s_per_1k_users", "x_SASRec_eval", "eval_peak_gb", "stream_eval_peak_gb",
            "train_peak_gb", "peak_rss_gb", "ndcg@10", "stream_equal", "wall_s", "error"]
 
@@ -422,8 +428,9 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("train_s_per_1k_seq", "training s / 1,000 sequences"),
-              ("eval_s_per_1k_users", "full-ranking eval s / 1,000 users"),
+    panels = [("train_cpu_s_per_1k_seq", "training CPU s / 1,000 sequences"),
+              ("eval_cpu_s_per_1k_users", "full-ranking eval CPU s / 1,000 users\n(RecBole; x: streaming top-k)"),
+              ("item_table_cpu_s", "item table CPU s (once per evaluation)"),
               ("load_s", "state load s"), ("peak_rss_gb", "peak RSS (VmHWM) GB")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     phases = sorted({r["phase"] for r in rows})
@@ -434,12 +441,14 @@ def plot(rows: list[dict], path: Path) -> None:
             if pts:
                 xs, ys = zip(*sorted(pts))
                 ax.plot(xs, ys, marker="o", label=ph)
-        if key == "eval_s_per_1k_users":
-            pts = [(r["n_items"], float(r["stream_eval_s_per_1k_users"])) for r in rows
-                   if r["phase"].startswith("IISANVS/memory") and r.get("stream_eval_s_per_1k_users")]
-            if pts:
-                xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, marker="x", linestyle="--", label="IISANVS/memory streaming top-k")
+        if key == "eval_cpu_s_per_1k_users":
+            for ph in ("IISANVS/memory", "SASRec"):
+                pts = [(r["n_items"], float(r["stream_eval_cpu_s_per_1k_users"])) for r in rows
+                       if r["phase"] == ph and r.get("stream_eval_cpu_s_per_1k_users") not in (None, "")]
+                if pts:
+                    xs, ys = zip(*sorted(pts))
+                    ax.plot(xs, ys, marker="x", linestyle="--", label=f"{ph} streaming top-k")
+            ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("items")
@@ -454,8 +463,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict]) -> str:
     cols = ["n_items", "phase", "cache_bytes_per_item", "cache_build_items_per_s", "load_s", "load_rss_gb",
-            "train_s_per_1k_seq", "x_SASRec_train", "item_table_s", "eval_s_per_1k_users",
-            "stream_eval_s_per_1k_users", "eval_peak_gb", "stream_eval_peak_gb", "peak_rss_gb", "error"]
+            "train_s_per_1k_seq", "train_cpu_s_per_1k_seq", "x_SASRec_train_cpu", "item_table_cpu_s",
+            "eval_s_per_1k_users", "eval_cpu_s_per_1k_users", "stream_eval_cpu_s_per_1k_users",
+            "x_SASRec_eval_cpu", "eval_peak_gb", "stream_eval_peak_gb", "peak_rss_gb", "error"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
@@ -478,6 +488,7 @@ def main() -> None:
     p.add_argument("--chunk_items", type=int, default=65536)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--keep", action="store_true", help="keep the caches of each size (default: delete after)")
+    p.add_argument("--report", action="store_true", help="only rewrite the table, CSV and plot from <out>/scale.csv")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -498,6 +509,11 @@ def main() -> None:
     if csv_path.is_file():  # resume: sizes already measured are kept
         with open(csv_path) as f:
             rows = [dict(r, n_items=int(r["n_items"])) for r in csv.DictReader(f)]
+    if a.report:
+        rows = _with_ratios(rows)
+        write_outputs(rows, out)
+        print(markdown(rows))
+        return
     done = {(r["n_items"], r["phase"]) for r in rows if not r.get("error")}
     rows = [r for r in rows if (r["n_items"], r["phase"]) in done]
     for n in [int(s) for s in a.sizes.split(",") if s]:
@@ -532,6 +548,9 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
         if b and r["phase"] != "SASRec" and r.get("train_s_per_1k_seq") not in (None, ""):
             r["x_SASRec_train"] = round(float(r["train_s_per_1k_seq"]) / float(b["train_s_per_1k_seq"]), 2)
             r["x_SASRec_eval"] = round(float(r["eval_s_per_1k_users"]) / float(b["eval_s_per_1k_users"]), 2)
+            if r.get("train_cpu_s_per_1k_seq") not in (None, "") and b.get("train_cpu_s_per_1k_seq") not in (None, ""):
+                r["x_SASRec_train_cpu"] = round(float(r["train_cpu_s_per_1k_seq"]) / float(b["train_cpu_s_per_1k_seq"]), 2)
+                r["x_SASRec_eval_cpu"] = round(float(r["eval_cpu_s_per_1k_users"]) / float(b["eval_cpu_s_per_1k_users"]), 2)
     return rows
 
 
