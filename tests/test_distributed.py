@@ -104,9 +104,9 @@ def test_two_cpu_processes_train_to_completion(setup, model, tmp_path, monkeypat
     assert _cli(args + [f"--result_file={one}"], monkeypatch) == 0
     r1 = json.loads(one.read_text())
     if model.startswith("IISAN"):
-        caches = sorted((root / "cache").glob("*/COMPLETE"))
-        assert len(caches) == 2
-        stamp = {c: c.stat().st_mtime_ns for c in caches}
+        assert len(list((root / "cache").glob("*/COMPLETE"))) == 2
+        files = sorted((root / "cache").glob("*/*"))
+        stamp = {c: (c.stat().st_mtime_ns, c.stat().st_size) for c in files}
 
     # two processes
     two = tmp_path / "two.json"
@@ -119,7 +119,7 @@ def test_two_cpu_processes_train_to_completion(setup, model, tmp_path, monkeypat
     assert set(r2["test_result"]) == {"hit@10", "ndcg@10"}
     assert all(math.isfinite(v) for v in r2["test_result"].values())
     if model.startswith("IISAN"):  # the ranks read the cache: nothing rebuilt or rewritten
-        assert {c: c.stat().st_mtime_ns for c in sorted((root / "cache").glob("*/COMPLETE"))} == stamp
+        assert {c: (c.stat().st_mtime_ns, c.stat().st_size) for c in sorted((root / "cache").glob("*/*"))} == stamp
 
     # the ranks' reduced metrics == one process evaluating the same checkpoint
     ckpt = r2["checkpoint"]
