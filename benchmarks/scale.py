@@ -388,13 +388,22 @@ def run_child(args: list[str], timeout: float) -> dict:
     return {"error": f"{why}: {' / '.join(tail)[-300:]}", "wall_s": round(wall, 1)}
 
 
+PEAK_KEYS = ("load_peak_gb", "train_peak_gb", "eval_peak_gb", "stream_eval_peak_gb", "peak_rss_gb")
+
+
+def process_peak(row: dict) -> float:
+    """The child's peak RSS: the largest of its phases' VmHWM (each phase resets VmHWM first)."""
+    return max(float(row[k]) for k in PEAK_KEYS if row.get(k) not in (None, ""))
+
+
 def child_main(a: argparse.Namespace) -> None:
     import logging
 
     logging.disable(logging.WARNING)
     fn = {"build": phase_build, "legacy": phase_legacy, "model": phase_model}[a.child]
     res = fn(a)
-    res["peak_rss_gb"] = gb(proc_status()["VmHWM"])  # of this child process (last reset phase)
+    res["peak_rss_gb"] = gb(proc_status()["VmHWM"])  # since the last reset_peak(); the max below
+    res["peak_rss_gb"] = process_peak(res)
     print(RESULT_PREFIX + json.dumps(res), flush=True)
 
 
@@ -542,6 +551,9 @@ def main() -> None:
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if not r.get("error") and any(r.get(k) not in (None, "") for k in PEAK_KEYS):
+            r["peak_rss_gb"] = process_peak(r)
     sas = {r["n_items"]: r for r in rows if r["phase"] == "SASRec" and not r.get("error")}
     for r in rows:
         b = sas.get(r["n_items"])
