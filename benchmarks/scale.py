@@ -457,13 +457,13 @@ def plot(rows: list[dict], path: Path) -> None:
                 if pts:
                     xs, ys = zip(*sorted(pts))
                     ax.plot(xs, ys, marker="x", linestyle="--", label=f"{ph} streaming top-k")
-            ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("items")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8) if axes[0].get_legend_handles_labels()[0] else None
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
