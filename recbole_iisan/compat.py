@@ -7,6 +7,14 @@ reloads (``Trainer.evaluate(load_best_model=True)``, ``resume_checkpoint``,
 modules* a ``torch`` whose ``load`` defaults to ``weights_only=False``; the global
 ``torch.load`` is left untouched.  numpy<2 and pandas<3 are pinned (see setup.py), not shimmed.
 
+RecBole 1.2.1's DDP mode (``--nproc``) is CUDA-only: ``Config._init_device`` asserts one
+``gpu_id`` per process, calls ``init_process_group(backend="nccl")`` and ``torch.cuda.set_device``,
+and ``AbstractTrainer`` wraps the model in ``DistributedDataParallel(device_ids=[local_rank])``.
+Without CUDA, :func:`_init_device_cpu_ddp` joins the process group with ``gloo`` on the CPU
+device instead (everything else RecBole does there is kept: ``single_spec``, quiet ranks > 0),
+and RecBole's trainer module gets a ``DistributedDataParallel`` that leaves ``device_ids`` out
+for a CPU model. With CUDA, RecBole's own code runs unchanged.
+
 ``apply()`` is idempotent and is called when ``recbole_iisan`` is imported.
 """
 from __future__ import annotations
@@ -37,6 +45,84 @@ class _TorchWithTrustedLoad(types.ModuleType):
         return torch.load(*args, **kwargs)
 
 
+def _cuda_ddp(config_dict: dict) -> bool:
+    """Whether RecBole's own (NCCL, one GPU per rank) DDP set-up applies."""
+    return bool(torch.cuda.is_available() and config_dict.get("use_gpu", True)
+                and str(config_dict.get("gpu_id", "")) != "")
+
+
+def _init_device_cpu_ddp(original):
+    """``Config._init_device`` that, for a DDP rank without CUDA, joins with ``gloo`` on the CPU."""
+
+    def _init_device(self) -> None:
+        d = self.final_config_dict
+        if "local_rank" not in d or _cuda_ddp(d):
+            return original(self)
+        import torch.distributed as dist
+
+        d["gpu_id"] = ""
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend="gloo",
+                rank=d["local_rank"] + d.get("offset", 0),
+                world_size=d["world_size"],
+                init_method=f"tcp://{d['ip']}:{d['port']}",
+            )
+        d["device"] = torch.device("cpu")
+        d["single_spec"] = False
+        if d["local_rank"] != 0:  # as RecBole: only rank 0 logs and shows progress
+            d["state"] = "error"
+            d["show_progress"] = False
+            d["verbose"] = False
+
+    _init_device.__wrapped__ = original  # type: ignore[attr-defined]
+    return _init_device
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> list[str]:
+    """Qualified names of the buffers kept out of ``state_dict`` (IISAN's cached item states and
+    log-popularity: identical on every rank, derived from the data, never trained)."""
+    out = []
+    for prefix, sub in module.named_modules():
+        for name in getattr(sub, "_non_persistent_buffers_set", ()):
+            out.append(f"{prefix}.{name}" if prefix else name)
+    return out
+
+
+def _ddp_for_device(ddp_class):
+    """``DistributedDataParallel`` that drops ``device_ids`` for a model on the CPU (torch refuses
+    them there; RecBole always passes ``[local_rank]``), and that does not broadcast the
+    non-persistent buffers: RecBole calls the DDP forward once per training step
+    (``set_reduce_hook``), and with ``broadcast_buffers`` every call would send rank 0's copy of
+    all cached item states (GBs at scale; into every rank's copy-on-write map with
+    ``state_storage: mmap``)."""
+
+    def make(module, *args, **kwargs):
+        if next(module.parameters()).device.type == "cpu":
+            kwargs.pop("device_ids", None)
+            kwargs.pop("output_device", None)
+        ignore = non_persistent_buffers(module)
+        if ignore:
+            ddp_class._set_params_and_buffers_to_ignore_for_model(module, ignore)
+        return ddp_class(module, *args, **kwargs)
+
+    make.__wrapped__ = ddp_class  # type: ignore[attr-defined]
+    return make
+
+
+def sync_checkpoint_path(trainer: Any) -> None:
+    """In DDP, make every rank load the checkpoint rank 0 saved (RecBole names it by each rank's
+    own clock, and only rank 0 writes it) and wait until it is written. No-op in one process."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    name = [getattr(trainer, "saved_model_file", None)]
+    dist.broadcast_object_list(name, src=0)
+    trainer.saved_model_file = name[0]
+    dist.barrier()
+
+
 def apply() -> None:
     """Install the shims (idempotent)."""
     global _APPLIED
@@ -53,4 +139,11 @@ def apply() -> None:
     proxy = _TorchWithTrustedLoad()
     for module in (rb_trainer, rb_quick_start):
         module.torch = proxy  # type: ignore[attr-defined]
+    # DDP on CPU (gloo): see the module docstring
+    from recbole.config.configurator import Config
+
+    if not hasattr(Config._init_device, "__wrapped__"):
+        Config._init_device = _init_device_cpu_ddp(Config._init_device)
+    if not hasattr(rb_trainer.DistributedDataParallel, "__wrapped__"):
+        rb_trainer.DistributedDataParallel = _ddp_for_device(rb_trainer.DistributedDataParallel)
     _APPLIED = True

@@ -148,6 +148,10 @@ def run(
     test_result = None
     test_seconds = None
     if evaluate_test:
+        if saved and not config["single_spec"]:
+            from recbole_iisan.compat import sync_checkpoint_path
+
+            sync_checkpoint_path(trainer)  # DDP: every rank loads the file rank 0 wrote
         t1 = time.perf_counter()
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
         test_seconds = time.perf_counter() - t1
@@ -184,7 +188,7 @@ def run(
     if test_result is not None:
         logger.info(set_color("test result", "yellow") + f": {result['test_result']}")
     path = result_file or os.path.join("saved", f"{config['model']}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    if config["local_rank"] == 0:
+    if config["local_rank"] == 0:  # DDP: one result file, written by rank 0
         write_result(path, result)
         logger.info(f"result written to {path}")
     result["result_file"] = path
@@ -236,6 +240,7 @@ def run_distributed(model: str, dataset: str, config_files: Optional[list[str]] 
     queue = mp.get_context("spawn").SimpleQueue()
     cd = dict(config_dict or {})
     cd.update({"world_size": world_size, "ip": ip, "port": port, "nproc": nproc, "offset": group_offset})
+    cd.setdefault("cache_rebuild", "never")  # the ranks only read the cache prepare_inputs built
     kwargs.update({"config_dict": cd, "overrides": overrides, "queue": queue})
     mp.spawn(_run_rank, args=(model, dataset, config_files, kwargs), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()

@@ -276,8 +276,15 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
         "trainable_parameters": result.get("trainable_parameters"),
         "checkpoint": result.get("checkpoint") and os.path.abspath(result["checkpoint"]),
         "result_file": os.path.abspath(result.get("result_file") or RESULT_FILE),
+        "node_id": _node_id(),  # which node of the cluster ran the trial
     }
     session.report(final)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 # --------------------------------------------------------------------------------------------
