@@ -20,6 +20,7 @@ reused when the item set, the image store and the size are the same.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from recbole_iisan.data.dataset import ProtocolSequentialDataset, _config_get
+from recbole_iisan.utils import atomic_write_bytes
 from recbole_iisan.towers.encoders import load_image_processor, load_tokenizer, pad_id_of, pad_ids, tokenize
 
 logger = logging.getLogger()
@@ -151,9 +153,9 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
             pixels, _ = decode_images(store, tokens, size, resample)
             pixels = np.concatenate([np.zeros((1,) + pixels.shape[1:], np.uint8), pixels])
             if npy is not None:
-                tmp = npy.with_name(npy.name + ".tmp.npy")
-                np.save(tmp, pixels)
-                tmp.replace(npy)
+                buf = io.BytesIO()
+                np.save(buf, pixels)
+                atomic_write_bytes(npy, buf.getvalue())
         if missing:
             logger.warning(f"tower '{spec.name}': {missing} of {len(tokens)} items have no image; "
                            "they get a black image (missing_image: zeros)")
