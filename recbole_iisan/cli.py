@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group_offset", type=int, default=0)
     p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search")
     p.add_argument("--strict", action="store_true", help="unknown config keys are an error (strict_config: True)")
+    r = p.add_argument_group("recommend / export (recbole_iisan.recommend, recbole_iisan.export)")
+    r.add_argument("--recommend", default=None, help="CHECKPOINT.pth: print top-k items (--topk=K, default 10)")
+    r.add_argument("--users", default=None, help="comma-separated raw user ids (with --recommend)")
+    r.add_argument("--sequence", action="append", default=None, help='"i1 i2 i3": a raw-id history (repeatable)')
+    r.add_argument("--new_items", default=None, help="TSV raw id TAB title [TAB image path]: unseen items to rank too")
+    r.add_argument("--export", default=None, help="DIR: item table .npy/.tsv + TorchScript user encoder")
+    r.add_argument("--include_history", action="store_true", help="do not exclude the user's history items")
+    r.add_argument("--recommend_file", default=None, help="also write the recommendations as TSV")
     t = p.add_argument_group("tuning (with --tune)")
     t.add_argument("--num_samples", type=int, default=8, help="trials to run")
     t.add_argument("--search_alg", default="random", help="random | hyperopt | optuna")
@@ -134,6 +142,10 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
     import recbole_iisan  # noqa: F401  (applies the compat shims)
     from recbole_iisan import quick_start
 
+    if args.recommend or args.export:
+        from recbole_iisan.recommend import main as recommend_main
+
+        return recommend_main(args, overrides)
     if args.tune:
         from recbole_iisan.tuning import main as tune_main
 
