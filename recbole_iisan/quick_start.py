@@ -176,6 +176,10 @@ def run(
         "peak_memory": peak_memory(config["device"]),
         "checkpoint": trainer.saved_model_file if saved else None,
     }
+    if test_result is not None and config["single_spec"]:  # test Hit/NDCG by target frequency, repeat, length
+        from recbole_iisan.breakdown import compute as compute_breakdown
+
+        result["breakdown"] = compute_breakdown(trainer, train_data, test_data)
     gates = net.gate_values() if hasattr(net, "gate_values") else {}
     if gates:
         result["gate_values"] = gates

@@ -296,6 +296,24 @@ def format_frame(df) -> str:
     return "\n".join(out)
 
 
+def breakdown_of(run: LoadedRun) -> dict:
+    """The test breakdown (``recbole_iisan.breakdown``) of a loaded model, as a training run writes it."""
+    from recbole_iisan.breakdown import compute
+    from recbole_iisan.trainer import PluginTrainer
+
+    return compute(PluginTrainer(run.config, run.model), run.train_data, run.test_data)
+
+
+def format_breakdown(run: LoadedRun) -> str:
+    from recbole_iisan.breakdown import markdown
+
+    bd = breakdown_of(run)
+    metric = f"{str(run.config['metrics'][0]).lower()}@{max(run.config['topk'])}"
+    overall = ", ".join(f"{k} {v:.4f}" for k, v in bd["overall"].items() if k != "n")
+    return (f"{run.config['model']} on {run.config['dataset']}, test split ({bd['overall']['n']} users): {overall}\n\n"
+            + markdown([{"model": run.config["model"], "breakdown": bd}], metric))
+
+
 def main(args: Any, overrides: dict) -> int:
     """``--recommend=CKPT`` (and ``--export=DIR``) from the command line."""
     if not args.recommend:
@@ -308,6 +326,10 @@ def main(args: Any, overrides: dict) -> int:
     users = [u.strip() for u in (args.users or "").split(",") if u.strip()]
     sequences = [s.split() for s in (args.sequence or [])]
     run = load_run(args.recommend, overrides=overrides or None)
+    if getattr(args, "breakdown", False):
+        print(format_breakdown(run))
+        if not users and not sequences and not args.export:
+            return 0
     if args.export:
         from recbole_iisan.export import export
 
