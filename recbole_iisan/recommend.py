@@ -99,19 +99,27 @@ class LoadedRun:
 
     # ------------------------------------------------------------------ histories
     def _sorted_interactions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(user ids, item ids) of every interaction, sorted by user then time (file order on ties)."""
+        """(user ids, item ids) of every interaction, sorted by user then time (file order on ties).
+
+        RecBole's sequential dataset holds its interactions as augmented rows (each interaction but a
+        user's first, as a target with the items before it): the first items come back from the rows
+        whose input has length 1."""
         if self._order is None:
             feat = self.dataset.inter_feat
-            uid = np.asarray(feat[self.uid_field].numpy() if hasattr(feat[self.uid_field], "numpy")
-                             else feat[self.uid_field])
-            iid = np.asarray(feat[self.iid_field].numpy() if hasattr(feat[self.iid_field], "numpy")
-                             else feat[self.iid_field])
+            col = lambda f: np.asarray(feat[f].numpy() if hasattr(feat[f], "numpy") else feat[f])  # noqa: E731
+            uid, iid = col(self.uid_field), col(self.iid_field)
             tf = self.dataset.time_field
-            keys = [np.arange(len(uid))]
-            if tf and tf in feat:
-                keys.append(np.asarray(feat[tf].numpy()))
-            keys.append(uid)
-            order = np.lexsort(tuple(keys))
+            time = col(tf).astype(np.float64) if tf and tf in feat else np.zeros(len(uid))
+            first = np.zeros(len(uid), dtype=bool)
+            seq_f = self.iid_field + self.config["LIST_SUFFIX"]
+            len_f = self.config["ITEM_LIST_LENGTH_FIELD"]
+            if seq_f in feat and len_f in feat:  # augmented rows: add each user's first item
+                starts = col(len_f) == 1
+                uid = np.concatenate([col(self.uid_field)[starts], uid])
+                iid = np.concatenate([col(seq_f)[starts, 0], iid])
+                time = np.concatenate([np.full(int(starts.sum()), -np.inf), time])
+                first = np.concatenate([np.ones(int(starts.sum()), dtype=bool), first])
+            order = np.lexsort((np.arange(len(uid)), time, ~first, uid))
             self._order = (uid[order], iid[order])
         return self._order
 
