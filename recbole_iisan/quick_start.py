@@ -126,6 +126,9 @@ def run(
 
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
+    from recbole_iisan.cold_start import apply as cold_start  # cold_start_items > 0: items held out of training
+
+    ds = cold_start(config, ds)
     logger.info(ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
 

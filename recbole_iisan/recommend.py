@@ -220,6 +220,9 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
     model_class = get_model_class(config["model"])
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
+    from recbole_iisan.cold_start import apply as cold_start
+
+    ds = cold_start(config, ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
     model = model_class(config, train_data._dataset).to(config["device"])
     checkpoint.load_model_state(model, ck, path)
