@@ -58,6 +58,7 @@ class ContentUserEncoder(nn.Module):
         self.position_embedding = copy.deepcopy(model.position_embedding)
         self.layer_norm = copy.deepcopy(model.LayerNorm)
         self.trm_encoder = copy.deepcopy(model.trm_encoder)
+        self.requires_grad_(False)
         self.eval()
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,11 @@ class ForwardUserEncoder(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        import copy
+
+        self.model = copy.deepcopy(model)
+        self.requires_grad_(False)
+        self.eval()
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         return self.model(item_seq, item_seq_len)

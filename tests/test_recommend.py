@@ -207,3 +207,28 @@ def test_training_frequency_counts_training_interactions(trained) -> None:
         for t in items[:-2]:
             expected[run.dataset.token2id(run.iid_field, t)] += 1
     np.testing.assert_array_equal(freq, expected)
+
+
+def test_sasrec_recommend_and_export(tmp_path: Path) -> None:
+    """RecBole's own SASRec goes through the same recommend / export path (its id embedding table)."""
+    from recbole_iisan.export import topk_from_export
+    from recbole_iisan.quick_start import run
+    from recbole_iisan.recommend import load_run, recommend
+
+    write_tiny_dataset(tmp_path / "data")
+    res = run("SASRec", "tiny", config_dict={"data_path": str(tmp_path / "data"), "epochs": 1,
+                                             "checkpoint_dir": str(tmp_path / "ck"), "hidden_size": 16,
+                                             "n_layers": 1, "n_heads": 1, "inner_size": 32},
+              result_file=str(tmp_path / "r.json"))
+    r = load_run(res["checkpoint"])
+    users = ["u1", "u2"]
+    df = recommend(r, users=users, topk=5)
+    assert cli.main([f"--recommend={res['checkpoint']}", f"--export={tmp_path / 'ex'}"]) == 0
+    seq, lengths, history = r.user_histories(users)
+    top, _ = topk_from_export(tmp_path / "ex", seq, lengths, k=5, history=history)
+    tokens = r.item_tokens()
+    assert [list(tokens[row]) for row in top] == [list(df[df.user == u].item_id) for u in users]
+    # SASRec cannot embed new items
+    (tmp_path / "new.tsv").write_text("n1\tsome title\n")
+    with pytest.raises(Exception, match="content model"):
+        recommend(r, users=users, new_items=tmp_path / "new.tsv")
