@@ -194,6 +194,9 @@ def encode_new_items(run: Any, path: PathLike) -> NewItems:
     emb = torch.cat(chunks).cpu()
     if not torch.isfinite(emb).all():
         raise PluginConfigError(f"--new_items: non-finite embeddings for items of {path}")
-    titles = cols.get("title") or [""] * len(tokens)
+    from recbole_iisan.recommend import TITLE_FIELDS, _config_list
+
+    title_cols = [f for f in _config_list(run.config, "text_fields") + list(TITLE_FIELDS) if f in cols]
+    titles = cols[title_cols[0]] if title_cols else [""] * len(tokens)
     logger.info(f"new items: {len(tokens)} items of {path} embedded ({emb.shape[1]} dims)")
     return NewItems(tokens, list(titles), emb, int(run.n_items))
