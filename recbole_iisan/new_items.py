@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,20 @@ from recbole_iisan.errors import PluginConfigError
 
 logger = logging.getLogger()
 PathLike = Union[str, Path]
+
+
+TITLE_FIELDS = ("title", "movie_title", "name")
+
+
+def title_field(config: Any, names: Sequence[str]) -> Optional[str]:
+    """The column shown as an item's title: the first text field of tower A, else a title-like one."""
+    try:
+        fields = config["text_fields"]
+    except (KeyError, TypeError):
+        fields = None
+    fields = [] if fields is None else (list(fields) if isinstance(fields, (list, tuple)) else [fields])
+    found = [f for f in fields + list(TITLE_FIELDS) if f in names]
+    return found[0] if found else None
 
 
 @dataclass
@@ -194,9 +208,7 @@ def encode_new_items(run: Any, path: PathLike) -> NewItems:
     emb = torch.cat(chunks).cpu()
     if not torch.isfinite(emb).all():
         raise PluginConfigError(f"--new_items: non-finite embeddings for items of {path}")
-    from recbole_iisan.recommend import TITLE_FIELDS, _config_list
-
-    title_cols = [f for f in _config_list(run.config, "text_fields") + list(TITLE_FIELDS) if f in cols]
-    titles = cols[title_cols[0]] if title_cols else [""] * len(tokens)
+    field = title_field(run.config, list(cols))
+    titles = cols[field] if field else [""] * len(tokens)
     logger.info(f"new items: {len(tokens)} items of {path} embedded ({emb.shape[1]} dims)")
     return NewItems(tokens, list(titles), emb, int(run.n_items))

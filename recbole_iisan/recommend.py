@@ -34,7 +34,6 @@ from recbole_iisan.errors import CheckpointError, PluginConfigError
 logger = logging.getLogger()
 
 PathLike = Union[str, Path]
-TITLE_FIELDS = ("title", "movie_title", "name")
 
 
 @dataclass
@@ -90,11 +89,12 @@ class LoadedRun:
                 names, cols = read_item_file(self.config)
             except CacheError:
                 names, cols = [], {}
-            fields = [f for f in _config_list(self.config, "text_fields") if f in names]
-            fields = fields[:1] or [f for f in TITLE_FIELDS if f in names][:1]
+            from recbole_iisan.new_items import title_field
+
+            field = title_field(self.config, names)
             id_field = self.iid_field if self.iid_field in names else (names[0] if names else "")
-            self._titles = ({tok: cols[fields[0]][i] for i, tok in enumerate(cols[id_field])}
-                            if fields and id_field else {})
+            self._titles = ({tok: cols[field][i] for i, tok in enumerate(cols[id_field])}
+                            if field and id_field else {})
         return self._titles
 
     # ------------------------------------------------------------------ histories
@@ -139,9 +139,9 @@ class LoadedRun:
         if (counts == 0).any():
             raise PluginConfigError(f"--users: user(s) {[u for u, c in zip(users, counts) if c == 0][:5]} "
                                     f"have no interactions")
-        return self._pad(s_iid, starts, ends)
+        return self._padded_inputs(s_iid, starts, ends)
 
-    def _pad(self, flat: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    def _padded_inputs(self, flat: np.ndarray, starts: np.ndarray, ends: np.ndarray):
         L = self.max_len
         counts = ends - starts
         lengths = np.minimum(counts, L)
@@ -160,7 +160,7 @@ class LoadedRun:
             raise PluginConfigError("--sequence: an empty sequence (give at least one item id)")
         flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
         ends = np.cumsum(counts)
-        return self._pad(flat, ends - counts, ends)
+        return self._padded_inputs(flat, ends - counts, ends)
 
     # ------------------------------------------------------------------ scores
     def interaction(self, item_seq: np.ndarray, lengths: np.ndarray):
@@ -178,16 +178,6 @@ class LoadedRun:
         if history is not None:
             s[torch.as_tensor(history[0]), torch.as_tensor(history[1])] = -np.inf
         return s
-
-
-def _config_list(config: Any, key: str) -> list:
-    try:
-        v = config[key]
-    except (KeyError, TypeError):
-        return []
-    if v is None:
-        return []
-    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 _LOADED: dict[tuple, LoadedRun] = {}
