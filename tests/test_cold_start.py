@@ -67,3 +67,29 @@ def test_bad_fraction_is_one_line(tiny_data: Path) -> None:
 
     with pytest.raises(PluginConfigError, match="cold_start_items"):
         _split(tiny_data, "SASRec", 1.5)
+
+
+def test_compare_breakdown_on_the_cold_start_split(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    """--compare --breakdown: one table per breakdown and a PNG; both models on the same cold split."""
+    import csv
+
+    from recbole_iisan import cli
+
+    path = tmp_path / "cmp.csv"
+    code = cli.main(["--dataset=tiny", "--compare=SASRec,GRU4Rec", "--breakdown", f"--compare_file={path}",
+                     f"--data_path={tiny_data}", f"--checkpoint_dir={tmp_path / 'ck'}", "--cold_start_items=0.2",
+                     "--epochs=1", "--hidden_size=16", "--n_layers=1", "--n_heads=1", "--inner_size=32",
+                     "--embedding_size=16"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "hit@10 by target frequency:" in out and "| SASRec |" in out and "| GRU4Rec |" in out
+    png = tmp_path / "cmp-breakdown.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(open(path)))
+    assert [r["model"] for r in rows] == ["SASRec", "GRU4Rec"]
+    # the same test users (all with an unseen target) for both models: one "0" bucket count
+    line = [ln for ln in out.split("hit@10 by target frequency:")[1].splitlines() if ln.startswith("| SASRec")][0]
+    line2 = [ln for ln in out.split("hit@10 by target frequency:")[1].splitlines() if ln.startswith("| GRU4Rec")][0]
+    n_sas = line.split("|")[2].split("(")[1].rstrip(") ")
+    n_gru = line2.split("|")[2].split("(")[1].rstrip(") ")
+    assert n_sas == n_gru and int(n_sas) > 0
