@@ -9,8 +9,9 @@ Three breakdowns of the test split, each a partition of the test users:
   ``MAX_ITEM_LIST_LENGTH`` = L, the user has at least L earlier interactions).
 
 The scores are the trainer's own (``PluginTrainer._full_sort_batch_eval``: ``full_sort_predict``
-with RecBole's and the protocol's masking), the rank of a target is ``1 + #items scored higher``,
-so each breakdown's weighted mean is RecBole's overall metric (tested). Written into every result
+with RecBole's and the protocol's masking) and the target's rank is its position in ``torch.topk``
+of them, as RecBole's collector computes it (ties, e.g. items with the same text, break the same
+way), so each breakdown's weighted mean is RecBole's overall metric (tested). Written into every result
 file (``result["breakdown"]``), printed by ``--compare ... --breakdown`` (one table per breakdown,
 and a PNG), and for a saved model by ``--recommend=CKPT --breakdown``.
 """
@@ -49,9 +50,9 @@ def training_frequency(train_dataset: Any, n_items: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def test_ranks(trainer: Any, eval_data: Any) -> dict[str, np.ndarray]:
-    """Per test example: the target's rank under the trainer's full-sort scores, the target, and the
-    model's input (``item_seq``, ``item_length``)."""
+def test_ranks(trainer: Any, eval_data: Any, max_k: int = 10) -> dict[str, np.ndarray]:
+    """Per test example: the target's rank under the trainer's full-sort scores (``max_k + 1`` when
+    it is not in the top ``max_k``), the target, and the model's input (``item_seq``, ``item_length``)."""
     model = trainer.model
     model.eval()
     trainer.tot_item_num = eval_data._dataset.item_num  # what Trainer.evaluate sets before full sorting
@@ -59,8 +60,11 @@ def test_ranks(trainer: Any, eval_data: Any) -> dict[str, np.ndarray]:
     for batched in eval_data:
         interaction, scores, positive_u, positive_i = trainer._full_sort_batch_eval(batched)
         scores = scores.view(-1, scores.size(-1))
-        target_score = scores[positive_u, positive_i]
-        rank = (scores[positive_u] > target_score[:, None]).sum(dim=1) + 1
+        # RecBole's collector: torch.topk over the scores, the target's position in it (so ties, e.g.
+        # items with the same text, break as RecBole's metrics break them); beyond max_k: max_k + 1
+        _, top_idx = torch.topk(scores, max_k, dim=-1)
+        match = top_idx[positive_u] == positive_i.to(top_idx.device)[:, None]
+        rank = torch.where(match.any(dim=1), match.float().argmax(dim=1) + 1, torch.full_like(positive_i, max_k + 1))
         ranks.append(rank.cpu())
         targets.append(positive_i.cpu())
         seqs.append(interaction[model.ITEM_SEQ][positive_u.to(interaction[model.ITEM_SEQ].device)].cpu())
@@ -101,7 +105,7 @@ def compute(trainer: Any, train_data: Any, test_data: Any, topk: Optional[Sequen
     history_length}``, each bucket ``{n, hit@k, ndcg@k}`` for the run's ``topk``."""
     config = trainer.config
     topk = list(topk or config["topk"])
-    ranks = test_ranks(trainer, test_data)
+    ranks = test_ranks(trainer, test_data, max(topk))
     freq = training_frequency(train_data._dataset, int(trainer.model.n_items))
     out: dict[str, Any] = {"overall": _metrics(ranks["rank"], topk)}
     for dim, buckets in groups(ranks, freq, int(config["MAX_ITEM_LIST_LENGTH"])).items():
