@@ -38,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group_offset", type=int, default=0)
     p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search")
     p.add_argument("--strict", action="store_true", help="unknown config keys are an error (strict_config: True)")
+    r = p.add_argument_group("recommend / export (recbole_iisan.recommend, recbole_iisan.export)")
+    r.add_argument("--recommend", default=None, help="CHECKPOINT.pth: print top-k items (--topk=K, default 10)")
+    r.add_argument("--users", default=None, help="comma-separated raw user ids (with --recommend)")
+    r.add_argument("--sequence", action="append", default=None, help='"i1 i2 i3": a raw-id history (repeatable)')
+    r.add_argument("--new_items", default=None, help="TSV raw id TAB title [TAB image path]: unseen items to rank too")
+    r.add_argument("--export", default=None, help="DIR: item table .npy/.tsv + TorchScript user encoder")
+    r.add_argument("--include_history", action="store_true", help="do not exclude the user's history items")
+    r.add_argument("--recommend_file", default=None, help="also write the recommendations as TSV")
+    r.add_argument("--breakdown", action="store_true", help="test Hit/NDCG by target frequency, repeat, length "
+                   "(--compare: tables + PNG; --recommend=CKPT: of that model)")
     t = p.add_argument_group("tuning (with --tune)")
     t.add_argument("--num_samples", type=int, default=8, help="trials to run")
     t.add_argument("--search_alg", default="random", help="random | hyperopt | optuna")
@@ -83,7 +93,7 @@ def _compare_child(model, dataset, config_files, config_dict, overrides, queue) 
 
 
 def compare(models: Sequence[str], dataset: str, config_files, config_dict, overrides,
-            compare_file: Optional[str] = None, protocol: str = "RecBole protocol") -> int:
+            compare_file: Optional[str] = None, protocol: str = "RecBole protocol", breakdown: bool = False) -> int:
     """``--compare``: inputs prepared once per model here, then each model in its own process;
     one table whose metric columns are the configured ``metrics`` x ``topk``."""
     from recbole_iisan import report
@@ -101,6 +111,12 @@ def compare(models: Sequence[str], dataset: str, config_files, config_dict, over
     report.write_csv(path, rows, columns)
     print(f"\n{dataset}, {protocol}, test split (best validation epoch):\n{report.markdown_table(rows, columns)}"
           f"\n\nwritten to {path}")
+    if breakdown:
+        from recbole_iisan import breakdown as bd
+
+        metric = f"{metrics[0].lower()}@{max(topk)}"
+        png = bd.plot(results, metric, os.path.splitext(path)[0] + "-breakdown.png")
+        print(f"\n{bd.markdown(results, metric)}\n\nbreakdown plot: {png}")
     return 0 if all("error" not in r for r in results) else 1
 
 
@@ -134,6 +150,10 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
     import recbole_iisan  # noqa: F401  (applies the compat shims)
     from recbole_iisan import quick_start
 
+    if args.recommend or args.export:
+        from recbole_iisan.recommend import main as recommend_main
+
+        return recommend_main(args, overrides)
     if args.tune:
         from recbole_iisan.tuning import main as tune_main
 
@@ -145,7 +165,8 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
         for m in models:
             get_model_class(m)  # unknown names fail before anything runs
         protocol = "paper protocol" if args.paper_protocol else "RecBole protocol"
-        return compare(models, args.dataset, config_files, config_dict, overrides, args.compare_file, protocol)
+        return compare(models, args.dataset, config_files, config_dict, overrides, args.compare_file, protocol,
+                       breakdown=args.breakdown)
     if args.nproc > 1 or args.world_size > 0:
         quick_start.run_distributed(args.model, args.dataset, config_files, config_dict, overrides, nproc=args.nproc,
                                     world_size=args.world_size, ip=args.ip, port=args.port,

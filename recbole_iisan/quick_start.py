@@ -126,6 +126,9 @@ def run(
 
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
+    from recbole_iisan.cold_start import apply as cold_start  # cold_start_items > 0: items held out of training
+
+    ds = cold_start(config, ds)
     logger.info(ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
 
@@ -180,6 +183,10 @@ def run(
         "peak_memory": peak_memory(config["device"]),
         "checkpoint": trainer.saved_model_file if saved else None,
     }
+    if test_result is not None and config["single_spec"]:  # test Hit/NDCG by target frequency, repeat, length
+        from recbole_iisan.breakdown import compute as compute_breakdown
+
+        result["breakdown"] = compute_breakdown(trainer, train_data, test_data)
     gates = net.gate_values() if hasattr(net, "gate_values") else {}
     if gates:
         result["gate_values"] = gates

@@ -67,6 +67,22 @@ class IISANBase(SideNetworkRecommender):
         self.side = SideNetwork(self.dim_a, self.n_rows_a, self.dim_b, self.n_rows_b, self.embedding_size,
                                 int(config["sanb_size"]), None if inter_r is None else int(inter_r), activation,
                                 head_type, modality, fusion, frozen)
+        self._build_id_embedding(config, dataset)
+
+    def _build_id_embedding(self, config, dataset) -> None:
+        """``item_id_embedding: True``: a learned ID embedding (zero-initialised) added to the content
+        embedding of the items seen in training; unseen and new items stay content only."""
+        self.id_embedding = None
+        if not bool(config["item_id_embedding"]):
+            return
+        import torch
+
+        from recbole_iisan.breakdown import training_frequency
+
+        seen = torch.as_tensor(training_frequency(dataset, self.n_items) > 0, dtype=torch.float32)
+        self.id_embedding = nn.Embedding(self.n_items, self.embedding_size)
+        nn.init.zeros_(self.id_embedding.weight)
+        self.register_buffer("id_seen", seen.unsqueeze(1), persistent=False)
 
     def _state_source(self, config, dataset) -> nn.Module:
         return CachedStates(dataset, self.n_items, str(config["state_norm"]), type(self).__name__)
@@ -85,6 +101,8 @@ class IISANBase(SideNetworkRecommender):
         h_a, h_b = self.states(ids)
         with self._autocast():
             e = self.side(h_a, h_b)
+        if self.id_embedding is not None:
+            return e.float() + self.id_embedding(ids) * self.id_seen[ids]
         return e.float()
 
     # ------------------------------------------------------------------ optimiser, reporting
