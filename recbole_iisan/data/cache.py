@@ -497,6 +497,11 @@ def _build(config: Mapping, spec: TowerSpec, folder: Path, layers: list[int], to
                     states = encoder.encode_ids([ids[i] for i in batch], layers)
                 else:
                     states = encoder.encode_pixels(prefetch.get(k), layers)
+                peak = float(states.detach().abs().amax()) if states.numel() else 0.0
+                if dtype == "float16" and not peak <= 65504.0:  # fp16 would store inf (and NaN in training)
+                    raise CacheError(f"tower '{spec.name}': encoder '{spec.encoder}' has hidden states up to |h| = "
+                                     f"{peak:.4g}, beyond float16's 65504 (cache_dtype: float16); "
+                                     f"set --cache_dtype=bfloat16 (or float32)")
                 arr = _to_bytes(states, dtype)
                 while True:
                     try:
