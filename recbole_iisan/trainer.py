@@ -137,7 +137,7 @@ class PluginTrainer(Trainer):
 
     def _full_sort_batch_eval(self, batched_data):
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
-        if self.mask_history:
+        if self.mask_history and batched_data[1] is None:  # (non-sequential models: RecBole masks already)
             self.mask_user_history(scores, interaction)
         return interaction, scores, positive_u, positive_i
 
