@@ -67,6 +67,9 @@ def apply_protocol_defaults(config: Any) -> None:
         for key, value in PAPER_PROTOCOL_DEFAULTS.items():
             if key != "mask_history" and not user_set(config, key):
                 config[key] = value
+        from recbole_iisan.config import check_metrics
+
+        check_metrics(config)  # Hit@10 must be computed (metrics x topk): one line otherwise
 
 
 class PluginTrainer(Trainer):
