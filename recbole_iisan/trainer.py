@@ -146,7 +146,7 @@ class PluginTrainer(Trainer):
 
     def mask_user_history(self, scores: torch.Tensor, interaction) -> None:
         """``scores[b, i] = -inf`` for every item i of row b's user before its target (its whole
-        history, ``ProtocolSequentialDataset.user_history[u, :history_length]``), in place."""
+        history, the first ``history_length`` items of the user's sequence), in place."""
         from recbole_iisan.data.dataset import HISTORY_LENGTH_FIELD
 
         history = getattr(self._eval_dataset, "user_history", None)
@@ -158,6 +158,10 @@ class PluginTrainer(Trainer):
                                     "users' histories; set --mask_history=False for this dataset")
         uid = interaction[self.config["USER_ID_FIELD"]].to(history.device)
         hlen = interaction[HISTORY_LENGTH_FIELD].to(history.device)
-        hist = history[uid]  # [B, longest]
-        hist = hist.masked_fill(torch.arange(hist.size(1))[None, :] >= hlen[:, None], 0)
+        if hlen.numel() == 0 or int(hlen.max()) == 0:
+            return
+        ar = torch.arange(int(hlen.max()))[None, :]  # [1, longest history of the batch]
+        start = self._eval_dataset.user_history_offset[uid][:, None]
+        hist = history[(start + ar).clamp_max(len(history) - 1)]  # [B, longest]
+        hist = hist.masked_fill(ar >= hlen[:, None], 0)
         scores.scatter_(1, hist.to(scores.device), -np.inf)  # pads hit column 0, already -inf

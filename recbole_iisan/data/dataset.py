@@ -38,10 +38,10 @@ class ProtocolSequentialDataset(SequentialDataset):
     history for ranking.
 
     Every split row carries ``history_length`` (the number of the user's interactions before its
-    target, unbounded by ``MAX_ITEM_LIST_LENGTH``) and the dataset holds ``user_history``
-    (``[user_num, longest sequence]`` item ids in time order, 0-padded), so that the trainer can
-    mask the user's whole history at ranking (``mask_history``) for every sequential model:
-    ``user_history[u, :history_length]``.
+    target, unbounded by ``MAX_ITEM_LIST_LENGTH``) and the dataset holds every user's sequence
+    (``user_history``: all item ids, by user then time; ``user_history_offset[u]``: where user u
+    starts), so that the trainer can mask the user's whole history at ranking (``mask_history``)
+    for every sequential model: ``user_history[offset[u] : offset[u] + history_length]``.
 
     ``paper_protocol: True`` (iisan-method.md 1.3-1.5): each user's sequence is cut to its
     ``MAX_ITEM_LIST_LENGTH + 3`` most recent interactions before anything else; validation and
@@ -66,13 +66,13 @@ class ProtocolSequentialDataset(SequentialDataset):
         starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]]) if n else np.zeros(0, dtype=np.int64)
         group_start = np.repeat(starts, np.diff(np.r_[starts, n])) if n else np.zeros(0, dtype=np.int64)
         pos = np.arange(n) - group_start  # position of each interaction in its user's sequence
-        longest = int(pos.max()) + 1 if n else 1
-        history = np.zeros((self.user_num, longest), dtype=np.int64)
-        history[uids, pos] = items
+        offsets = np.zeros(self.user_num, dtype=np.int64)
+        offsets[uids[starts]] = starts
         super().data_augmentation()
         # RecBole's augmentation emits, per user in time order, one row per interaction but the
         # first: the row of interaction i has history length pos[i]
-        self.user_history = torch.from_numpy(history)
+        self.user_history = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))  # O(interactions)
+        self.user_history_offset = torch.from_numpy(offsets)
         self.set_field_property(HISTORY_LENGTH_FIELD, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
         self.inter_feat.update(Interaction({HISTORY_LENGTH_FIELD: torch.from_numpy(pos[pos > 0].copy())}))
 
