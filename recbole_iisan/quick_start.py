@@ -121,8 +121,12 @@ def run(
     logger = getLogger()
     logger.info(config)
     model_class = get_model_class(model)
+    from recbole_iisan.trainer import apply_protocol_defaults
+
+    apply_protocol_defaults(config)  # mask_history, and the paper's selection rule under paper_protocol
     if config["paper_protocol"]:
-        logger.info(set_color("paper protocol", "yellow") + ": last 13 items per user, history masked at ranking")
+        logger.info(set_color("paper protocol", "yellow") + ": last 13 items per user, one training window per "
+                    f"user, mask_history {config['mask_history']}, selection on {config['valid_metric']}")
 
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
@@ -165,6 +169,11 @@ def run(
         "dataset": config["dataset"],
         "config_digest": config_digest(config),
         "paper_protocol": bool(config["paper_protocol"]),
+        "protocol": "paper" if config["paper_protocol"] else "recbole",
+        "mask_history": bool(config["mask_history"]),
+        "selection_metric": config["valid_metric"],
+        "train_samples": len(train_data._dataset),
+        "user_encoder": getattr(net, "user_encoder", None) if isinstance(getattr(net, "user_encoder", None), str) else None,
         "seed": config["seed"],
         "device": str(config["device"]),
         "trainable_parameters": n_trainable,

@@ -3,8 +3,13 @@
 It is RecBole's ``Trainer`` with four additions, none of which changes RecBole's training:
 - the optimizer takes ``model.param_groups()`` when a model defines it (IISAN's per-group
   learning rates, ``iisan_lr``), through RecBole's own ``_build_optimizer(params=...)`` hook;
-- ``paper_protocol: True`` masks each user's history items at full ranking (the paper's
-  protocol; RecBole's default ranks them);
+- ``mask_history: True`` gives every item of the user's history before the target (validation:
+  every training item; test: the training items and the validation item; the whole history, not
+  only the input window) score -inf at full ranking, for every sequential model (IISAN, SASRec,
+  GRU4Rec ...): a repeat target can then never be a hit, as in the paper. Default: False under
+  RecBole's protocol, True under ``paper_protocol`` (see :func:`apply_protocol_defaults`);
+- ``paper_protocol: True`` also selects the epoch and stops early on ``Hit@10`` unless the user
+  set ``valid_metric``;
 - it records training-only seconds per epoch, evaluation seconds and the best epoch, which the
   run report and the benchmarks read;
 - checkpoints go through ``recbole_iisan.checkpoint``: atomic saves, one line for a checkpoint
@@ -22,6 +27,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_iisan import checkpoint
+from recbole_iisan.utils import config_get as _config_get
 
 
 def _sync(device: torch.device) -> None:
@@ -29,11 +35,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: what ``paper_protocol: True`` changes when the user did not set the key (iisan-method.md 4.4, 5)
+PAPER_PROTOCOL_DEFAULTS = {"mask_history": True, "valid_metric": "Hit@10", "stopping_step": 10}
+
+
+def user_set(config: Any, key: str) -> bool:
+    """Whether the user gave ``key`` (command line, ``config_dict`` or a config file of their own)
+    rather than the plugin's yaml files. A user file that repeats the plugin's default value
+    counts as not given."""
+    for layer in ("cmd_config_dict", "variable_config_dict"):
+        if key in (getattr(config, layer, None) or {}):
+            return True
+    files = getattr(config, "file_config_dict", None) or {}
+    if key not in files:
+        return False
+    from recbole_iisan.config import _file_dicts
+
+    plugin = _file_dicts(getattr(config, "plugin_files", []) or [])
+    return key not in plugin or plugin[key] != files[key]
+
+
+def apply_protocol_defaults(config: Any) -> None:
+    """Resolve the protocol-dependent defaults in place (idempotent).
+
+    ``mask_history: ~`` (the yaml default) becomes ``paper_protocol``; under the paper protocol
+    ``valid_metric`` becomes ``Hit@10`` and ``stopping_step`` 10 unless the user set them."""
+    paper = bool(_config_get(config, "paper_protocol", False))
+    if _config_get(config, "mask_history", None) is None:
+        config["mask_history"] = paper
+    if paper:
+        for key, value in PAPER_PROTOCOL_DEFAULTS.items():
+            if key != "mask_history" and not user_set(config, key):
+                config[key] = value
+        from recbole_iisan.config import check_metrics
+
+        check_metrics(config)  # Hit@10 must be computed (metrics x topk): one line otherwise
+
+
 class PluginTrainer(Trainer):
     """RecBole's Trainer + parameter groups, the paper's history masking and timings."""
 
     def __init__(self, config: Any, model: torch.nn.Module) -> None:
+        apply_protocol_defaults(config)
         super().__init__(config, model)
+        self.mask_history = bool(config["mask_history"])
+        self._eval_dataset = None
         self.train_epoch_seconds: list[float] = []
         self.eval_seconds: list[float] = []
         self.valid_scores: list[float] = []
@@ -82,6 +128,7 @@ class PluginTrainer(Trainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
             checkpoint.load_into_trainer(self, model_file or self.saved_model_file)
+        self._eval_dataset = eval_data._dataset if eval_data else None
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     @property
@@ -93,7 +140,28 @@ class PluginTrainer(Trainer):
 
     def _full_sort_batch_eval(self, batched_data):
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
-        if self.paper_protocol:
-            item_seq = interaction[self.model.ITEM_SEQ].to(scores.device)
-            scores.scatter_(1, item_seq, -np.inf)  # history (pads hit column 0, already -inf)
+        if self.mask_history and batched_data[1] is None:  # (non-sequential models: RecBole masks already)
+            self.mask_user_history(scores, interaction)
         return interaction, scores, positive_u, positive_i
+
+    def mask_user_history(self, scores: torch.Tensor, interaction) -> None:
+        """``scores[b, i] = -inf`` for every item i of row b's user before its target (its whole
+        history, the first ``history_length`` items of the user's sequence), in place."""
+        from recbole_iisan.data.dataset import HISTORY_LENGTH_FIELD
+
+        history = getattr(self._eval_dataset, "user_history", None)
+        if history is None or HISTORY_LENGTH_FIELD not in interaction:
+            from recbole_iisan.errors import PluginConfigError
+
+            raise PluginConfigError("mask_history: True needs the plugin's sequential dataset "
+                                    "(recbole_iisan.data.dataset.ProtocolSequentialDataset), which holds the "
+                                    "users' histories; set --mask_history=False for this dataset")
+        uid = interaction[self.config["USER_ID_FIELD"]].to(history.device)
+        hlen = interaction[HISTORY_LENGTH_FIELD].to(history.device)
+        if hlen.numel() == 0 or int(hlen.max()) == 0:
+            return
+        ar = torch.arange(int(hlen.max()))[None, :]  # [1, longest history of the batch]
+        start = self._eval_dataset.user_history_offset[uid][:, None]
+        hist = history[(start + ar).clamp_max(len(history) - 1)]  # [B, longest]
+        hist = hist.masked_fill(ar >= hlen[:, None], 0)
+        scores.scatter_(1, hist.to(scores.device), -np.inf)  # pads hit column 0, already -inf

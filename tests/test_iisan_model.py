@@ -12,7 +12,7 @@ import torch
 import recbole_iisan  # noqa: F401  (compat shims)
 from recbole.config import Config
 from recbole.data import data_preparation
-from recbole.data.dataset import SequentialDataset
+from recbole_iisan.data.dataset import ProtocolSequentialDataset
 from recbole.utils import init_seed
 
 from recbole_iisan.model.iisan import IISANBase, IISANVA, IISANVS
@@ -60,7 +60,7 @@ def tiny(tmp_path_factory):
     _write_tiny(root)
     config = make_config(root)
     init_seed(config["seed"], True)
-    ds = SequentialDataset(config)
+    ds = ProtocolSequentialDataset(config)  # the plugin's: it holds the users' histories (mask_history)
     attach_states(ds)
     train, valid, test = data_preparation(config, ds)
     return {"root": root, "dataset": ds, "train": train, "valid": valid, "test": test}
@@ -250,6 +250,7 @@ def test_history_is_masked_in_one_place_the_trainer(tiny):
         assert torch.isfinite(raw).all()
         trainer = PluginTrainer(config, model)
         trainer.tot_item_num = tiny["valid"]._dataset.item_num
+        trainer._eval_dataset = tiny["valid"]._dataset  # what evaluate() sets: the users' histories
         _, masked, _, _ = trainer._full_sort_batch_eval(next(iter(tiny["valid"])))
     seq = inter["item_id_list"]
     assert torch.isinf(masked.gather(1, seq)).all()

@@ -249,9 +249,17 @@ def _np_dtype(dtype: str) -> np.dtype:
             "bfloat16": np.dtype(np.uint16)}[dtype]
 
 
-def _to_bytes(states: torch.Tensor, dtype: str) -> np.ndarray:
-    """float32 [B, L, D] -> numpy array in the storage dtype (bfloat16 as its uint16 bits)."""
+def _to_bytes(states: torch.Tensor, dtype: str, source: str = "") -> np.ndarray:
+    """float32 [B, L, D] -> numpy array in the storage dtype (bfloat16 as its uint16 bits).
+
+    float16 ends at 65,504: larger states (decoder LLMs reach |h| ~ 2e4 and beyond) would be
+    stored as inf and train on NaN, so they are refused in one line naming ``source``."""
     t = states.detach().to("cpu")
+    if dtype == "float16" and t.numel():
+        peak = float(t.abs().amax())
+        if not peak <= 65504.0:
+            raise CacheError(f"{source or 'the encoder'} has hidden states up to |h| = {peak:.4g}, beyond "
+                             f"float16's 65504 (cache_dtype: float16); set --cache_dtype=bfloat16 (or float32)")
     if dtype == "bfloat16":
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return t.to(getattr(torch, dtype)).contiguous().numpy()
@@ -760,7 +768,7 @@ def _encode_payload(encoder: Any, payload: list, layers: list[int], dtype: str, 
         states = encoder.encode_pixels(encoder.preprocess_images(store.get_images(payload)), layers)
     else:
         states = encoder.encode_ids(payload, layers)
-    return _to_bytes(states, dtype)
+    return _to_bytes(states, dtype, f"tower '{encoder.tower}': encoder '{encoder.name}'")
 
 
 class _WorkerDied(Exception):
@@ -778,7 +786,7 @@ class _InProcess:
         for k, payload in enumerate(payloads):
             if self.prefetch is not None:
                 states = self.encoder.encode_pixels(self.prefetch.get(k), self.layers)
-                yield k, _to_bytes(states, self.dtype)
+                yield k, _to_bytes(states, self.dtype, f"tower '{self.encoder.tower}': encoder '{self.encoder.name}'")
             else:
                 yield k, _encode_payload(self.encoder, payload, self.layers, self.dtype, self.store)
 

@@ -1,8 +1,9 @@
 """RecBole datasets for the plugin.
 
-``ProtocolSequentialDataset`` is RecBole's ``SequentialDataset`` plus the paper's protocol as an
-option (``paper_protocol: True``: each user's sequence is cut to its most recent
-``MAX_ITEM_LIST_LENGTH + 3`` interactions before anything else, as the authors do). Every
+``ProtocolSequentialDataset`` is RecBole's ``SequentialDataset`` plus the users' full histories
+(for ``mask_history``) and the paper's protocol as an option (``paper_protocol: True``: each
+user's sequence is cut to its most recent ``MAX_ITEM_LIST_LENGTH + 3`` interactions before
+anything else, and one training window per user, as the authors do). Every
 sequential model the plugin runs, RecBole's SASRec/GRU4Rec included, uses it, so all models see
 the same split.
 
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset
+from recbole.data.interaction import Interaction
+from recbole.utils.enum_type import FeatureSource, FeatureType
 from recbole_iisan.utils import config_get as _config_get
 
 logger = logging.getLogger()
@@ -27,8 +30,66 @@ logger = logging.getLogger()
 
 
 
+HISTORY_LENGTH_FIELD = "history_length"
+
+
 class ProtocolSequentialDataset(SequentialDataset):
-    """RecBole's SequentialDataset with the paper's truncation as an option."""
+    """RecBole's SequentialDataset with the paper's protocol as an option, and each user's full
+    history for ranking.
+
+    Every split row carries ``history_length`` (the number of the user's interactions before its
+    target, unbounded by ``MAX_ITEM_LIST_LENGTH``) and the dataset holds every user's sequence
+    (``user_history``: all item ids, by user then time; ``user_history_offset[u]``: where user u
+    starts), so that the trainer can mask the user's whole history at ranking (``mask_history``)
+    for every sequential model: ``user_history[offset[u] : offset[u] + history_length]``.
+
+    ``paper_protocol: True`` (iisan-method.md 1.3-1.5): each user's sequence is cut to its
+    ``MAX_ITEM_LIST_LENGTH + 3`` most recent interactions before anything else; validation and
+    test are RecBole's leave-one-out rows (the up-to-10 items before the target); the training
+    split holds ONE row per user (RecBole's prefix augmentation dropped): the user's last
+    training row, whose ``item_id_list`` is the train sequence ``s[0:L-3]`` and whose target is
+    ``s[L-3]``, so that its slots (``model/loss.py build_slots``) are the whole train sequence
+    ``s[0:L-2]`` and, with ``loss_positions: all``, position j predicts slot j+1 (the authors'
+    window).
+    """
+
+    @property
+    def one_window_per_user(self) -> bool:
+        return bool(_config_get(self.config, "paper_protocol", False))
+
+    def data_augmentation(self) -> None:
+        # the users' full sequences (after filtering, in time order) before RecBole's augmentation
+        self.sort(by=[self.uid_field, self.time_field], ascending=True)
+        uids = self.inter_feat[self.uid_field].numpy()
+        items = self.inter_feat[self.iid_field].numpy()
+        n = len(uids)
+        starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]]) if n else np.zeros(0, dtype=np.int64)
+        group_start = np.repeat(starts, np.diff(np.r_[starts, n])) if n else np.zeros(0, dtype=np.int64)
+        pos = np.arange(n) - group_start  # position of each interaction in its user's sequence
+        offsets = np.zeros(self.user_num, dtype=np.int64)
+        offsets[uids[starts]] = starts
+        super().data_augmentation()
+        # RecBole's augmentation emits, per user in time order, one row per interaction but the
+        # first: the row of interaction i has history length pos[i]
+        self.user_history = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))  # O(interactions)
+        self.user_history_offset = torch.from_numpy(offsets)
+        self.set_field_property(HISTORY_LENGTH_FIELD, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
+        self.inter_feat.update(Interaction({HISTORY_LENGTH_FIELD: torch.from_numpy(pos[pos > 0].copy())}))
+
+    def build(self):
+        datasets = super().build()
+        if self.one_window_per_user:
+            train = datasets[0]
+            feat = train.inter_feat
+            uid = feat[self.uid_field].numpy()
+            hlen = feat[HISTORY_LENGTH_FIELD].numpy()
+            order = np.lexsort((hlen, uid))  # by user, then history length: the last row of a user is its window
+            last = order[np.r_[uid[order][1:] != uid[order][:-1], True]]
+            before = len(feat)
+            train.inter_feat = feat[torch.from_numpy(np.sort(last))]
+            self.logger.info(f"paper protocol: one training window per user ({len(last)} training sequences "
+                             f"instead of RecBole's {before} augmented prefixes)")
+        return datasets
 
     def _data_filtering(self) -> None:
         super()._data_filtering()

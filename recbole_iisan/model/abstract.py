@@ -31,6 +31,54 @@ from recbole_iisan.model.loss import (LOSS_POSITIONS, LOSS_TYPES, build_slots, f
 
 MIXED_PRECISION = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ENCODER_INITS = ("normal", "xavier")
+USER_ENCODERS = ("authors", "recbole")
+
+
+class AuthorsTransformer(nn.Module):
+    """The authors' user encoder blocks (iisan-method.md 3.6): post-LN, multi-head attention with
+    no Q/K/V/O biases, FFN d -> inner -> d with ReLU, LayerNorm eps ``layer_norm_eps``; attention
+    mask: causal and key padding (-1e9), on RIGHT-aligned (left-padded) sequences.
+
+    ``forward(x [B, L, d], real [B, L] bool)`` -> ``[B, L, d]``."""
+
+    def __init__(self, n_layers: int, n_heads: int, hidden_size: int, inner_size: int,
+                 hidden_dropout_prob: float, attn_dropout_prob: float, layer_norm_eps: float) -> None:
+        super().__init__()
+        if hidden_size % n_heads:
+            raise PluginConfigError(f"config key 'n_heads': {n_heads} does not divide embedding_size {hidden_size}")
+        self.n_heads = n_heads
+        self.blocks = nn.ModuleList()
+        for _ in range(n_layers):
+            block = nn.ModuleDict({
+                "q": nn.Linear(hidden_size, hidden_size, bias=False),
+                "k": nn.Linear(hidden_size, hidden_size, bias=False),
+                "v": nn.Linear(hidden_size, hidden_size, bias=False),
+                "o": nn.Linear(hidden_size, hidden_size, bias=False),
+                "attn_norm": nn.LayerNorm(hidden_size, eps=layer_norm_eps),
+                "ffn_in": nn.Linear(hidden_size, inner_size),
+                "ffn_out": nn.Linear(inner_size, hidden_size),
+                "ffn_norm": nn.LayerNorm(hidden_size, eps=layer_norm_eps),
+            })
+            self.blocks.append(block)
+        self.attn_dropout = nn.Dropout(attn_dropout_prob)
+        self.dropout = nn.Dropout(hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        h = self.n_heads
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        allowed = causal[None, :, :] & real[:, None, :]  # [B, Lq, Lk]
+        bias = torch.zeros(B, 1, L, L, dtype=x.dtype, device=x.device).masked_fill(~allowed[:, None], -1e9)
+        for blk in self.blocks:
+            def heads(t):
+                return t.view(B, L, h, d // h).transpose(1, 2)  # [B, h, L, dk]
+            q, k, v = heads(blk["q"](x)), heads(blk["k"](x)), heads(blk["v"](x))
+            att = (q @ k.transpose(-1, -2)) / (d // h) ** 0.5 + bias
+            att = self.attn_dropout(torch.softmax(att, dim=-1))
+            ctx = (att @ v).transpose(1, 2).reshape(B, L, d)
+            x = blk["attn_norm"](x + self.dropout(blk["o"](ctx)))
+            x = blk["ffn_norm"](x + self.dropout(blk["ffn_out"](torch.relu(blk["ffn_in"](x)))))
+        return x
 
 
 def n_trainable(module: Optional[nn.Module]) -> int:
@@ -79,9 +127,14 @@ class SideNetworkRecommender(SequentialRecommender):
 
         self._build_item_side(config, dataset)
         self._build_user_encoder(config)
-        # popularity correction of the in-batch loss (from the training targets)
+        # popularity correction of the in-batch loss: from the training targets (RecBole's
+        # augmented prefixes), or, one window per user (paper protocol), from every item of the
+        # train sequences s[0:L-2] (iisan-method.md 1.8)
         targets = dataset.inter_feat[self.ITEM_ID]
         targets = torch.as_tensor(targets.numpy() if hasattr(targets, "numpy") else targets)
+        if getattr(dataset, "one_window_per_user", False):
+            seqs = torch.as_tensor(dataset.inter_feat[self.ITEM_SEQ])
+            targets = torch.cat([targets.reshape(-1), seqs[seqs > 0]])
         self.register_buffer("log_pop", popularity_log_prob(targets, self.n_items), persistent=False)
         self._item_table: Optional[torch.Tensor] = None
         self._item_table_key = None
@@ -109,10 +162,27 @@ class SideNetworkRecommender(SequentialRecommender):
 
     # ------------------------------------------------------------------ user encoder
     def _build_user_encoder(self, config) -> None:
+        encoder = config["user_encoder"]
+        if encoder is None:  # the yaml default: the authors' under the paper protocol
+            encoder = "authors" if config["paper_protocol"] else "recbole"
+        self.user_encoder = str(encoder)
+        check_choice("user_encoder", self.user_encoder, USER_ENCODERS)
         self.user_encoder_init = str(config["user_encoder_init"])
         self.initializer_range = float(config["initializer_range"])
         check_choice("user_encoder_init", self.user_encoder_init, USER_ENCODER_INITS)
         layer_norm_eps = float(config["layer_norm_eps"])
+        if self.user_encoder == "authors":
+            self.user_encoder_init = "xavier"  # the authors' init of every Linear and Embedding
+            self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
+            self.trm_encoder = AuthorsTransformer(
+                n_layers=int(config["n_layers"]), n_heads=int(config["n_heads"]), hidden_size=self.hidden_size,
+                inner_size=int(config["inner_size"]), hidden_dropout_prob=float(config["hidden_dropout_prob"]),
+                attn_dropout_prob=float(config["attn_dropout_prob"]), layer_norm_eps=layer_norm_eps)
+            self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=layer_norm_eps)
+            self.dropout = nn.Dropout(float(config["hidden_dropout_prob"]))
+            for module in self.user_encoder_modules():
+                module.apply(self._init_user_encoder)
+            return
         self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
         self.trm_encoder = TransformerEncoder(
             n_layers=int(config["n_layers"]),
@@ -150,12 +220,16 @@ class SideNetworkRecommender(SequentialRecommender):
 
     def _autocast(self):
         dtype = MIXED_PRECISION[self.mixed_precision]
-        if dtype is None or self._device().type != "cuda":
+        # evaluation always runs in fp32, as the authors' (iisan-method.md 5)
+        if dtype is None or self._device().type != "cuda" or not self.training:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=dtype)
 
     def encode_sequence(self, seq_emb: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        """User-encoder output at every position, ``[B, L, d]`` (fp32)."""
+        """User-encoder output at every position, ``[B, L, d]`` (fp32), in RecBole's left-aligned
+        layout: ``out[b, j]`` is the output at the sequence's j-th item."""
+        if self.user_encoder == "authors":
+            return self._encode_authors(seq_emb, item_seq)
         position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
         position_embedding = self.position_embedding(position_ids).unsqueeze(0)
         with self._autocast():
@@ -163,6 +237,25 @@ class SideNetworkRecommender(SequentialRecommender):
             mask = self.get_attention_mask(item_seq)
             out = self.trm_encoder(x, mask, output_all_encoded_layers=True)[-1]
         return out.float()
+
+    def _encode_authors(self, seq_emb: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """The authors' encoder: the sequence is re-padded to the right end (the most recent item at
+        position L-1, absolute positions), encoded, and the outputs moved back to the left-aligned
+        layout (pad positions get zeros)."""
+        B, L = item_seq.shape
+        lens = (item_seq > 0).sum(dim=1)
+        shift = (L - lens)[:, None]  # left pads of the right-aligned layout
+        ar = torch.arange(L, device=item_seq.device)[None, :]
+        src = ar - shift  # right-aligned position p holds left-aligned item p - shift
+        real = src >= 0
+        right = seq_emb.gather(1, src.clamp_min(0)[..., None].expand(-1, -1, seq_emb.size(-1)))
+        right = right * real[..., None].to(right.dtype)
+        with self._autocast():
+            x = self.dropout(self.LayerNorm(right + self.position_embedding(ar)))
+            out = self.trm_encoder(x, real).float()
+        back = (ar + shift).clamp_max(L - 1)  # left-aligned j <- right-aligned j + shift
+        left = out.gather(1, back[..., None].expand(-1, -1, out.size(-1)))
+        return left * (ar < lens[:, None])[..., None].to(left.dtype)
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         out = self.encode_sequence(self._lookup(item_seq), item_seq)
