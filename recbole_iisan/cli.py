@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default="IISANVA", help="IISANVS, IISANVA or any RecBole model name")
     p.add_argument("--dataset", "-d", default="ml-100k", help="dataset name under data_path (or ml-100k)")
     p.add_argument("--config_files", default=None, help="space-separated yaml files")
-    p.add_argument("--paper_protocol", action="store_true", help="last 13 items per user, history masked at ranking")
+    p.add_argument("--paper_protocol", action="store_true", help="the authors' protocol: last 13 items per user, one training window per user, "
+                   "full-history masking, selection on Hit@10, the authors' user encoder")
     p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate")
     p.add_argument("--compare_file", default=None, help="CSV for --compare (default saved/compare-<dataset>-<time>.csv)")
     p.add_argument("--result_file", default=None, help="JSON result file (default under saved/)")

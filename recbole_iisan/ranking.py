@@ -104,8 +104,8 @@ def evaluate_full_sort_streaming(trainer, eval_data, chunk_items: int = 65536,
     top-k found by :func:`streaming_topk` instead of a ``[users x n_items]`` score matrix.
 
     Feeds RecBole's own ``Collector`` (``rec.topk``) and ``Evaluator``; in DDP it reduces like
-    RecBole (``_map_reduce``). ``exclude_history`` (default: the trainer's ``paper_protocol``)
-    ranks each user's sequence items last, as ``PluginTrainer`` does.
+    RecBole (``_map_reduce``). ``exclude_history`` ranks each user's input-window items last;
+    the trainer's full-history ``mask_history`` is not applied here yet (not wired into the trainer).
     """
     model = trainer.model
     model.eval()
@@ -114,8 +114,7 @@ def evaluate_full_sort_streaming(trainer, eval_data, chunk_items: int = 65536,
             or collector.register.need("rec.score"):
         raise ValueError("streaming full ranking supports top-k metrics only (Hit, NDCG, MRR, Recall, "
                          "Precision, MAP); use RecBole's evaluation for rank/score metrics")
-    if exclude_history is None:
-        exclude_history = bool(getattr(trainer, "paper_protocol", False))
+    exclude_history = bool(exclude_history)
     n_items = eval_data._dataset.item_num
     k = max(collector.topk)
     num_sample = 0

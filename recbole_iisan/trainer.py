@@ -85,10 +85,6 @@ class PluginTrainer(Trainer):
         self.valid_scores: list[float] = []
         self.valid_results: list[dict] = []
         self.resumed_from = None  # the checkpoint this run resumed from (never written)
-        try:
-            self.paper_protocol = bool(config["paper_protocol"])
-        except KeyError:
-            self.paper_protocol = False
 
     def _build_optimizer(self, **kwargs: Any) -> torch.optim.Optimizer:
         if "params" not in kwargs and hasattr(self.model, "param_groups"):
