@@ -158,9 +158,9 @@ def test_build_cache_shards_option(tmp_path, capsys):
     from recbole_iisan import build_cache
 
     argv = ["--dataset", "toy", "--data_path", str(tmp_path)]
-    assert build_cache.build_config(argv)["cache_shards"] == 1  # properties/overall.yaml
-    assert build_cache.build_config(argv + ["--shards", "3"])["cache_shards"] == 3
-    assert build_cache.build_config(argv + ["--cache_shards=2", "--ray_address=auto"])["ray_address"] == "auto"
+    assert build_cache.make_config(argv)["cache_shards"] == 1  # properties/overall.yaml
+    assert build_cache.make_config(argv + ["--shards", "3"])["cache_shards"] == 3
+    assert build_cache.make_config(argv + ["--cache_shards=2", "--ray_address=auto"])["ray_address"] == "auto"
     tokens, texts = items(4)
     with pytest.raises(CacheError, match="config key 'cache_shards': expected an integer >= 1, got 0"):
         ensure_cache(cfg(tmp_path, cache_shards=0), TowerSpec("text", "text", "x"), [0], tokens, texts)
