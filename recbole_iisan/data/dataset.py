@@ -146,10 +146,16 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
         self.item_state_layers: dict[str, list[int]] = {}
         self.encoder_depths: dict[str, int] = {}
         self.missing_items: dict[str, int] = {}
+        from recbole_iisan.data import state_store
+
+        # memory (one padded tensor filled straight from LMDB) or a memory-mapped file (catalogues
+        # larger than RAM); auto picks by the states' size against the available memory
+        total = sum(state_store.state_bytes(len(tokens), len(layers[n]), int(cache_mod.read_manifest(paths[n])["dim"]),
+                                            dtype) for n in self.towers)
+        storage = state_store.choose_storage(str(_config_get(self.config, "state_storage", "auto")), total)
+        self.state_storage = storage
         for name in self.towers:
-            states, missing = cache_mod.load_states(paths[name], tokens, layers[name], dtype=dtype)
-            full = torch.zeros((len(tokens) + 1,) + tuple(states.shape[1:]), dtype=states.dtype)
-            full[1:] = states
+            full, missing = state_store.load_item_states(paths[name], tokens, layers[name], dtype=dtype, storage=storage)
             self.item_states[name] = full
             self.item_state_layers[name] = list(layers[name])
             self.encoder_depths[name] = cache_mod.encoder_depth(specs[name])
@@ -171,6 +177,6 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
                     )
             mb = full.numel() * full.element_size() / 2**20
             self.logger.info(
-                f"tower '{name}': item states {tuple(full.shape)} {full.dtype} ({mb:.1f} MB), "
+                f"tower '{name}': item states {tuple(full.shape)} {full.dtype} ({mb:.1f} MB, {storage}), "
                 f"hidden states {self.item_state_layers[name]}"
             )
