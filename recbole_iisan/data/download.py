@@ -377,24 +377,3 @@ def local_raw_dir(data_path: PathLike, dataset: str) -> Optional[Path]:
         if d.is_dir() and any(d.glob(USERS_GLOB)) and any(d.glob(ITEMS_GLOB)):
             return d
     return None
-
-
-def prepare_if_missing(config: Mapping) -> Optional[dict]:
-    """For ``build_cache``: when the dataset has no atomic files, prepare it from raw files
-    beside it, or download it first if it is a known one. Returns the prepare result, or
-    ``None`` when there was nothing to do (or nothing this function can do)."""
-    from recbole_iisan.data.cache import dataset_dir
-    from recbole_iisan.data.prepare import prepare_dataset
-
-    dataset = str(config["dataset"])
-    folder = dataset_dir(config)
-    if (folder / f"{dataset}.inter").is_file() or (folder / f"{dataset}.item").is_file():
-        return None
-    data_path = folder.parent
-    raw = config.get("raw_dir") or local_raw_dir(data_path, dataset)
-    if raw:
-        logger.info(f"preparing {dataset} from raw files in {raw}")
-        return prepare_dataset(dataset, raw, data_path, images=config.get("image_dir"))
-    if is_known_dataset(dataset):
-        return download_and_prepare(dataset, data_path, images=config.get("image_dir"))
-    return None
