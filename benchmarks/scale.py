@@ -110,14 +110,22 @@ def item_tokens(n_items: int) -> list[str]:
     return [f"i{j}" for j in range(n_items)]
 
 
+def synthetic_identity(tower: str, n_items: int, rows: int, dim: int, seed: int) -> dict:
+    """What identifies a synthetic cache (the cache's digest covers it, as for a real one)."""
+    from recbole_iisan.data import cache as cache_mod
+
+    return {"format": cache_mod.FORMAT_VERSION, "synthetic": True, "tower": tower, "items": n_items,
+            "n_layers": 2 * rows - 2, "dim": dim, "dtype": "float16", "seed": seed}
+
+
 def write_cache(folder: Path, tokens: list[str], rows: int, dim: int, seed: int, batch: int = 4096) -> dict:
-    """Random float16 states through the LMDB writer of ``data/cache.py``; returns timings."""
-    import lmdb
-    import numpy as np
+    """Random float16 states written in the cache's own format (``data/cache.py``: one LMDB
+    transaction per batch, a crc32 after every value, the store record and the completion marker),
+    so ``load_states`` verifies and reads them like a real cache; returns timings."""
     import torch
 
     from recbole_iisan.data import cache as cache_mod
-    from recbole_iisan.utils import atomic_write_json
+    from recbole_iisan.utils import atomic_write_json, atomic_write_text
 
     if cache_mod.is_complete(folder):
         return {"reused": True}
@@ -125,36 +133,30 @@ def write_cache(folder: Path, tokens: list[str], rows: int, dim: int, seed: int,
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     layers = list(range(0, 2 * rows, 2))
+    ident = synthetic_identity(folder.name.split("-")[0], len(tokens), rows, dim, seed)
     manifest = {"tower": folder.name, "encoder": "synthetic", "layers": layers, "dim": dim, "dtype": "float16",
                 "n_layers": 2 * rows - 2, "item_count": len(tokens), "dataset_items": len(tokens),
-                "identity": {"synthetic_seed": seed, "rows": rows, "dim": dim, "items": len(tokens)},
-                "complete": False}
+                "identity": ident, "complete": False}
     atomic_write_json(folder / cache_mod.MANIFEST, manifest)
-    row_bytes = rows * dim * 2
-    env = cache_mod._open_env(folder, int(len(tokens) * (-(-(row_bytes + 64) // 4096) + 1) * 4096 * 1.2) + 2**26)
+    crc_seed = cache_mod._seed(cache_mod._folder_digest(folder), layers)
+    value_bytes = rows * dim * 2 + cache_mod.CRC_BYTES
+    env = cache_mod._open_env(folder, int(len(tokens) * (-(-(value_bytes + 64) // 4096) + 1) * 4096 * 1.2) + 2**26)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     try:
         for s in range(0, len(tokens), batch):
             part = tokens[s:s + batch]
             states = torch.randn((len(part), rows, dim), generator=gen)
-            arr = cache_mod._to_bytes(states, "float16")
-            while True:
-                try:
-                    with env.begin(write=True) as txn:
-                        for r, tok in enumerate(part):
-                            txn.put(tok.encode("utf-8"), arr[r].tobytes())
-                    break
-                except lmdb.MapFullError:
-                    env.set_mapsize(env.info()["map_size"] * 2)
+            cache_mod._put_batch(env, [t.encode("utf-8") for t in part], cache_mod._to_bytes(states, "float16"), crc_seed)
         env.sync(True)
     finally:
         env.close()
     seconds = time.perf_counter() - t0
-    manifest["complete"] = True
-    manifest["build_seconds"] = round(seconds, 3)
+    head = cache_mod._lmdb_header(folder)
+    manifest.update(complete=True, build_seconds=round(seconds, 3),
+                    store={"data_bytes": head["size"], "entries": head["entries"], "value_bytes": value_bytes})
     atomic_write_json(folder / cache_mod.MANIFEST, manifest)
-    (folder / cache_mod.COMPLETE).write_text("synthetic\n")
+    atomic_write_text(folder / cache_mod.COMPLETE, "synthetic\n")
     return {"seconds": seconds}
 
 
@@ -195,7 +197,11 @@ def phase_build(a: argparse.Namespace) -> dict:
 
 
 def cache_folder(a: argparse.Namespace, tower: str) -> Path:
-    return Path(a.work) / "cache" / f"{tower}-{a.size}-r{a.rows}-d{a.dim}"
+    """``<work>/cache/<tower>-synthetic-<digest>``: the digest of its identity, as a real cache's."""
+    from recbole_iisan.data import cache as cache_mod
+
+    ident = synthetic_identity(tower, a.size, a.rows, a.dim, 1000 * TOWERS.index(tower) + a.size)
+    return Path(a.work) / "cache" / f"{tower}-synthetic-{cache_mod._digest(ident)}"
 
 
 def layers(a: argparse.Namespace) -> list[int]:
