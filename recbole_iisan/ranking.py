@@ -99,13 +99,13 @@ def user_and_item_source(model: torch.nn.Module, interaction) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate_full_sort_streaming(trainer, eval_data, chunk_items: int = 65536,
-                                 exclude_history: Optional[bool] = None) -> dict:
+                                 exclude_history: Optional[bool] = None, history=None) -> dict:
     """RecBole's ``Trainer.evaluate(eval_data, load_best_model=False)`` for full-sort data, with the
     top-k found by :func:`streaming_topk` instead of a ``[users x n_items]`` score matrix.
 
     Feeds RecBole's own ``Collector`` (``rec.topk``) and ``Evaluator``; in DDP it reduces like
     RecBole (``_map_reduce``). ``exclude_history`` ranks each user's input-window items last;
-    the trainer's full-history ``mask_history`` is not applied here yet (not wired into the trainer).
+    ``history(interaction) -> [B, H]`` item ids (the trainer's full-history ``mask_history``) too.
     """
     model = trainer.model
     model.eval()
@@ -124,6 +124,11 @@ def evaluate_full_sort_streaming(trainer, eval_data, chunk_items: int = 65536,
         interaction = interaction.to(trainer.device)
         user, items = user_and_item_source(model, interaction)
         exclude = interaction[model.ITEM_SEQ] if exclude_history else None
+        if history is not None:
+            full = history(interaction)
+            if full is not None:
+                full = full.to(user.device)
+                exclude = full if exclude is None else torch.cat([exclude, full], dim=1)
         if history_index is not None:  # RecBole's history mask (non-sequential models)
             hist_u, hist_i = history_index
             extra = torch.full((user.size(0), int(torch.bincount(hist_u).max()) if len(hist_u) else 0), -1,

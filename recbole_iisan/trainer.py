@@ -125,6 +125,14 @@ class PluginTrainer(Trainer):
         if eval_data and load_best_model:
             checkpoint.load_into_trainer(self, model_file or self.saved_model_file)
         self._eval_dataset = eval_data._dataset if eval_data else None
+        chunk = int(self.config["ranking_chunk_items"] or 0)
+        if chunk > 0 and eval_data and eval_data.__class__.__name__ == "FullSortEvalDataLoader":
+            # top-k over item chunks: memory bounded by users x chunk, not users x n_items
+            from recbole_iisan.ranking import evaluate_full_sort_streaming
+
+            self.model.eval()
+            return evaluate_full_sort_streaming(self, eval_data, chunk_items=chunk,
+                                                history=self.history_ids if self.mask_history else None)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     @property
@@ -143,6 +151,13 @@ class PluginTrainer(Trainer):
     def mask_user_history(self, scores: torch.Tensor, interaction) -> None:
         """``scores[b, i] = -inf`` for every item i of row b's user before its target (its whole
         history, the first ``history_length`` items of the user's sequence), in place."""
+        hist = self.history_ids(interaction)
+        if hist is not None:
+            scores.scatter_(1, hist.to(scores.device), -np.inf)  # pads hit column 0, already -inf
+
+    def history_ids(self, interaction) -> torch.Tensor | None:
+        """``[B, longest history]`` item ids of each row's user before its target, 0-padded
+        (None when no row has a history)."""
         from recbole_iisan.data.dataset import HISTORY_LENGTH_FIELD
 
         history = getattr(self._eval_dataset, "user_history", None)
@@ -155,9 +170,8 @@ class PluginTrainer(Trainer):
         uid = interaction[self.config["USER_ID_FIELD"]].to(history.device)
         hlen = interaction[HISTORY_LENGTH_FIELD].to(history.device)
         if hlen.numel() == 0 or int(hlen.max()) == 0:
-            return
+            return None
         ar = torch.arange(int(hlen.max()))[None, :]  # [1, longest history of the batch]
         start = self._eval_dataset.user_history_offset[uid][:, None]
         hist = history[(start + ar).clamp_max(len(history) - 1)]  # [B, longest]
-        hist = hist.masked_fill(ar >= hlen[:, None], 0)
-        scores.scatter_(1, hist.to(scores.device), -np.inf)  # pads hit column 0, already -inf
+        return hist.masked_fill(ar >= hlen[:, None], 0)
