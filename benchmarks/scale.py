@@ -34,7 +34,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import subprocess

@@ -30,7 +30,6 @@ README snippet)::
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional, Union

@@ -47,7 +47,7 @@ def test_streaming_evaluation_equals_recbole_full_sort(tmp_path, monkeypatch):
 
     from conftest import write_tiny_dataset
     from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset, prepare_inputs
+    from recbole_iisan.quick_start import create_dataset
     from recbole_iisan.trainer import PluginTrainer
     from recbole_iisan.ranking import evaluate_full_sort_streaming
 
