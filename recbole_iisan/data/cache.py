@@ -32,6 +32,7 @@ killed at any point (a worker or the caller) resumes from what was committed, wi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from recbole_iisan.towers import encoders as _enc
+from recbole_iisan.towers import image_transform as _imgtf
 from recbole_iisan.utils import atomic_write_json, atomic_write_text
 from recbole_iisan.towers.spec import TowerSpec, tower_specs
 from recbole_iisan.towers.layer_select import tower_layers_from_config
@@ -466,7 +468,7 @@ def _identity(spec: TowerSpec, info: Any, pooling: str, fingerprint: str, datase
         "encoder_dtype": encoder_dtype,
     }
     if spec.is_image:
-        ident["image_preprocessing"] = "AutoImageProcessor or resize224+norm0.5"
+        ident["image_preprocessing"] = _imgtf.preprocessing_identity(dict(spec.extra).get("image_backend", "pil"))
     else:
         ident["max_length"] = int(spec.max_length)
         ident["fields"] = list(spec.fields)
@@ -518,6 +520,12 @@ def ensure_cache(config: Mapping, spec: TowerSpec, layers: Sequence[int], item_t
         pooling = _enc.resolve_pooling(spec.pooling, info.is_decoder, spec.is_image)
     except ValueError as exc:
         raise CacheError(f"config key '{spec.name}_pooling': {exc}") from None
+    if spec.is_image:  # resolved once here, so every worker decodes the same way
+        try:
+            backend = _imgtf.resolve_image_backend(dict(spec.extra).get("image_backend", "auto"), spec.name)
+        except ValueError as exc:
+            raise CacheError(str(exc)) from None
+        spec = dataclasses.replace(spec, extra={**dict(spec.extra), "image_backend": backend})
     layers = sorted({int(x) for x in layers})
     bad = [x for x in layers if not 0 <= x <= info.n_layers]
     if bad or not layers:
@@ -765,7 +773,7 @@ def _put_batch(env: Any, keys: list[bytes], arr: np.ndarray, seed: int) -> None:
 def _encode_payload(encoder: Any, payload: list, layers: list[int], dtype: str, store: Any) -> np.ndarray:
     """One batch (token ids of texts, or item tokens of an image tower) -> states in the storage dtype."""
     if encoder.is_image:
-        states = encoder.encode_pixels(encoder.preprocess_images(store.get_images(payload)), layers)
+        states = encoder.encode_pixels(encoder.preprocess_bytes(store.get_bytes_many(payload)), layers)
     else:
         states = encoder.encode_ids(payload, layers)
     return _to_bytes(states, dtype, f"tower '{encoder.tower}': encoder '{encoder.name}'")
@@ -989,7 +997,7 @@ class _Prefetcher:
         self._submit(0)
 
     def _load(self, k: int) -> torch.Tensor:
-        return self.encoder.preprocess_images(self.store.get_images(self.batches[k]))
+        return self.encoder.preprocess_bytes(self.store.get_bytes_many(self.batches[k]))
 
     def _submit(self, k: int) -> None:
         if k < len(self.batches) and k not in self.futures:

@@ -500,17 +500,23 @@ class ImageStore:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
 
-    def get_images(self, tokens: Iterable[str]) -> List[Optional[Image.Image]]:
-        out: List[Optional[Image.Image]] = []
+    def get_bytes_many(self, tokens: Iterable[str]) -> List[Optional[bytes]]:
+        """The stored bytes of each token (None where absent), read in one transaction."""
+        out: List[Optional[bytes]] = []
         with self.env.begin(buffers=False) as txn:
             for token in tokens:
                 key = token.encode("utf-8", "surrogatepass")
-                data = None if key == META_KEY else txn.get(key)
-                if data is None:
-                    out.append(None)
-                else:
-                    with Image.open(io.BytesIO(data)) as img:
-                        out.append(img.convert("RGB"))
+                out.append(None if key == META_KEY else txn.get(key))
+        return out
+
+    def get_images(self, tokens: Iterable[str]) -> List[Optional[Image.Image]]:
+        out: List[Optional[Image.Image]] = []
+        for data in self.get_bytes_many(tokens):
+            if data is None:
+                out.append(None)
+            else:
+                with Image.open(io.BytesIO(data)) as img:
+                    out.append(img.convert("RGB"))
         return out
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
+
+from recbole_iisan.towers import image_transform as _imgtf
 
 DECODER_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2", "qwen2_moe",
@@ -319,15 +320,11 @@ def load_tokenizer(name: str, tower: str = "") -> Any:
     return tok
 
 
-def load_image_processor(name: str) -> Any:
-    """The encoder's image processor, or None (then the paper's transform is used)."""
-    from transformers import AutoImageProcessor
-
+def load_image_processor(name: str, backend: str = "pil") -> Any:
+    """The encoder's image processor with ``backend`` ('pil' or 'torchvision'), or None (then the
+    paper's transform is used)."""
     path, kwargs = resolve_encoder(name)
-    try:
-        return AutoImageProcessor.from_pretrained(path, **kwargs)
-    except Exception:  # noqa: BLE001 - no preprocessor config: the paper's transform
-        return None
+    return _imgtf.load_image_processor(path, backend, **kwargs)
 
 
 def load_backbone(name: str, tower: str = "", dtype: Any = None, drop_pooler: bool = False) -> Any:
@@ -355,16 +352,6 @@ def load_backbone(name: str, tower: str = "", dtype: Any = None, drop_pooler: bo
 # --------------------------------------------------------------------------------------------
 # the frozen encoder
 
-def _fallback_image_transform(images: Sequence[Any]) -> torch.Tensor:
-    """The paper's transform: resize straight to 224x224, to [0, 1], normalise with 0.5 / 0.5."""
-    arrays = []
-    for img in images:
-        img = img.convert("RGB").resize((224, 224), resample=2)  # bilinear
-        arrays.append(np.asarray(img, dtype=np.float32))
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
-    return (x - 0.5) / 0.5
-
-
 class FrozenEncoder:
     """A frozen Hugging Face model plus its tokenizer or image processor.
 
@@ -377,7 +364,8 @@ class FrozenEncoder:
     def __init__(self, name: str, tower: str, model: Any, info: EncoderInfo, pooling: str,
                  max_length: int, device: torch.device, is_image: bool,
                  tokenizer: Any = None, image_processor: Any = None,
-                 path: str = "", load_kwargs: dict[str, Any] | None = None) -> None:
+                 path: str = "", load_kwargs: dict[str, Any] | None = None,
+                 image_backend: str = "pil") -> None:
         self.name = name
         self.tower = tower
         self.model = model
@@ -388,6 +376,7 @@ class FrozenEncoder:
         self.is_image = is_image
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.image_transform = _imgtf.ImageTransform(image_processor, image_backend) if is_image else None
         self.path = path
         self.load_kwargs = dict(load_kwargs or {})
         self.calls = 0  # forward passes run (tests use it to check reuse)
@@ -422,10 +411,12 @@ class FrozenEncoder:
 
     # -- images ----------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
-        if self.image_processor is None:
-            return _fallback_image_transform(images)
-        rgb = [img.convert("RGB") for img in images]
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        """PIL images -> pixel values (see ``towers/image_transform.py``)."""
+        return self.image_transform.from_images(images)
+
+    def preprocess_bytes(self, datas: Sequence[bytes]) -> torch.Tensor:
+        """Encoded image bytes -> pixel values, decoded by the tower's ``image_backend``."""
+        return self.image_transform(datas)
 
     def encode_pixels(self, pixels: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
@@ -489,13 +480,19 @@ def load_frozen_encoder(spec: Any, device: Any = "cpu", dtype: Any = None) -> Fr
     model.requires_grad_(False)
     model.to(device)
     tokenizer = processor = None
+    backend = "pil"
     if is_image:
-        processor = load_image_processor(name)
+        try:
+            backend = _imgtf.resolve_image_backend(dict(getattr(spec, "extra", {}) or {}).get("image_backend", "auto"),
+                                                   tower)
+        except ValueError as exc:
+            raise EncoderLoadError(str(exc)) from None
+        processor = load_image_processor(name, backend)
     else:
         tokenizer = load_tokenizer(name, tower)
     return FrozenEncoder(name, tower, model, info, pooling, getattr(spec, "max_length", 30), device,
                          is_image, tokenizer=tokenizer, image_processor=processor, path=path,
-                         load_kwargs=kwargs)
+                         load_kwargs=kwargs, image_backend=backend)
 
 
 __all__ = [

@@ -9,7 +9,8 @@ Config keys per tower ``<t>`` (``<t>`` is a tower name):
   text; default the title field), ``<t>_max_length`` (default ``text_max_length``, 30),
   ``<t>_pooling`` (``auto`` = first token for encoder-only models, masked mean for decoders;
   or ``cls`` | ``mean`` | ``last`` | ``mean_unmasked``).
-- ``image_pooling`` likewise for the image tower (``auto`` = first token).
+- ``image_pooling`` likewise for the image tower (``auto`` = first token); ``image_backend``
+  (``auto | pil | torchvision``) decodes and resizes its images (``towers/image_transform.py``).
 
 The paper's multimodal-text setting (two text views) is ``towers: [text, text2]``.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from recbole_iisan.towers.image_transform import IMAGE_BACKENDS
 from recbole_iisan.utils import config_get as _get
 
 POOLINGS = ("auto", "cls", "mean", "last", "mean_unmasked")
@@ -70,7 +72,10 @@ def tower_specs(config: Mapping, item_fields: list[str] | None = None) -> list[T
         if pooling not in POOLINGS:
             raise TowerConfigError(f"config key '{name}_pooling': expected one of {POOLINGS}, got {pooling!r}")
         if name == "image":
-            specs.append(TowerSpec(name, "image", str(encoder), pooling=pooling))
+            backend = str(_get(config, "image_backend", "auto"))
+            if backend not in IMAGE_BACKENDS:
+                raise TowerConfigError(f"config key 'image_backend': expected one of {IMAGE_BACKENDS}, got {backend!r}")
+            specs.append(TowerSpec(name, "image", str(encoder), pooling=pooling, extra={"image_backend": backend}))
             continue
         fields = _get(config, f"{name}_fields")
         if fields is None:

@@ -1,0 +1,117 @@
+"""Image bytes -> pixel values (recbole_iisan.towers.image_transform): the PIL path against a hand
+computation and the encoder's processor, torchvision against PIL, the config key and the cache
+identity. The torchvision comparisons run only where torchvision imports beside the installed torch
+(not in CI: PyPI's torchvision does not load beside the local CPU torch build; README "Images")."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recbole_iisan.towers import image_transform as imgtf
+from recbole_iisan.towers.spec import TowerConfigError, tower_specs
+
+from conftest import SHARED  # noqa: E402
+DINO = SHARED / "models/dinov2-small"
+POSTERS = SHARED / "datasets/ml-100k-posters"
+TV = imgtf.torchvision_problem()
+needs_tv = pytest.mark.skipif(TV is not None, reason=f"torchvision cannot run here: {TV}")
+
+
+def _jpeg(arr: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _random_images(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = int(rng.integers(150, 400)), int(rng.integers(150, 400))
+        base = rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)  # smooth, photo-like
+        arr = np.asarray(Image.fromarray(base).resize((w, h), resample=3))
+        out.append(_jpeg(arr, "PNG" if i % 3 == 2 else "JPEG"))
+    return out
+
+
+def test_paper_transform_by_hand() -> None:
+    """A 224x224 PNG is not resized: the values are (x / 255 - 0.5) / 0.5 exactly."""
+    arr = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    got = imgtf.ImageTransform(None, "pil")([_jpeg(arr, "PNG")])
+    want = (torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None] / 255.0 - 0.5) / 0.5
+    assert got.shape == (1, 3, 224, 224) and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.skipif(not DINO.is_dir(), reason="dinov2-small not available")
+def test_pil_bytes_path_equals_the_processor_on_pil_images() -> None:
+    from transformers import AutoImageProcessor
+
+    datas = _random_images(5)
+    proc = AutoImageProcessor.from_pretrained(str(DINO), backend="pil")
+    want = proc(images=[Image.open(io.BytesIO(d)).convert("RGB") for d in datas], return_tensors="pt")["pixel_values"]
+    tf = imgtf.ImageTransform(imgtf.load_image_processor(str(DINO), "pil"), "pil")
+    assert torch.equal(tf(datas), want)
+    assert torch.equal(tf.from_images([Image.open(io.BytesIO(d)) for d in datas]), want)
+
+
+def test_backend_key_and_resolution() -> None:
+    cfg = {"towers": ["text", "image"], "text_encoder": "x", "image_encoder": "y", "image_backend": "opencv"}
+    with pytest.raises(TowerConfigError, match="image_backend.*'opencv'"):
+        tower_specs(cfg, ["title"])
+    cfg["image_backend"] = "pil"
+    assert dict(tower_specs(cfg, ["title"])[1].extra) == {"image_backend": "pil"}
+    assert imgtf.resolve_image_backend("pil") == "pil"
+    assert imgtf.resolve_image_backend("auto") == ("torchvision" if TV is None else "pil")
+    if TV is None:
+        assert imgtf.resolve_image_backend("torchvision") == "torchvision"
+    else:
+        with pytest.raises(ValueError, match="image_backend.*torchvision.*cannot run here"):
+            imgtf.resolve_image_backend("torchvision")
+    with pytest.raises(ValueError, match="'image_backend'"):
+        imgtf.resolve_image_backend("cv2")
+
+
+def test_cache_identity_keeps_pil_caches_and_separates_torchvision() -> None:
+    """Caches built before the key existed (PIL) keep their digest; torchvision states differ
+    slightly, so they get their own cache."""
+    assert imgtf.preprocessing_identity("pil") == "AutoImageProcessor or resize224+norm0.5"
+    assert imgtf.preprocessing_identity("torchvision") != imgtf.preprocessing_identity("pil")
+
+
+@needs_tv
+def test_torchvision_decodes_jpeg_and_png_like_pil() -> None:
+    datas = _random_images(6)
+    tv = imgtf.decode_tensors(datas)
+    pil = imgtf.decode_pil(datas)
+    for t, p in zip(tv, pil):
+        ref = torch.from_numpy(np.array(p)).permute(2, 0, 1)
+        assert t.dtype == torch.uint8 and t.shape == ref.shape
+        # libjpeg-turbo's IDCT and Pillow's can differ by a step; PNG is lossless: equal
+        assert int((t.int() - ref.int()).abs().max()) <= 2
+
+
+@needs_tv
+def test_torchvision_paper_transform_within_one_step_of_pil() -> None:
+    datas = _random_images(6)
+    a = imgtf.ImageTransform(None, "pil")(datas)
+    b = imgtf.ImageTransform(None, "torchvision")(datas)
+    step = (1 / 255) / 0.5
+    assert a.shape == b.shape == (6, 3, 224, 224)
+    assert float((a - b).abs().max()) <= 2 * step + 1e-6
+    assert float((a - b).abs().mean()) < 0.1 * step
+
+
+@needs_tv
+@pytest.mark.skipif(not DINO.is_dir(), reason="dinov2-small not available")
+def test_torchvision_processor_close_to_pil_on_real_posters() -> None:
+    datas = [p.read_bytes() for p in sorted(POSTERS.glob("*.jpg"))[:16]]
+    a = imgtf.ImageTransform(imgtf.load_image_processor(str(DINO), "pil"), "pil")(datas)
+    b = imgtf.ImageTransform(imgtf.load_image_processor(str(DINO), "torchvision"), "torchvision")(datas)
+    step = (1 / 255) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    steps = (a - b).abs() / step
+    assert a.shape == b.shape
+    assert float((steps > 1.01).float().mean()) < 0.01  # bicubic resampling differs in < 1% of values
