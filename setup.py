@@ -35,5 +35,6 @@ setup(
         "peft": ["peft>=0.10"],
         "tune": ["optuna>=3", "hyperopt>=0.2.7"],
         "test": ["pytest"],
+        "images": ["torchvision>=0.19"],  # image_backend: torchvision (needs a build for the installed torch)
     },
 )
