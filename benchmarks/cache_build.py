@@ -182,11 +182,9 @@ def _images(args) -> None:
             for backend in ("pil", "torchvision"):
                 proc = imgtf.load_image_processor(path, backend, **kwargs) if label == "processor" else None
                 res[backend] = _preprocess_seconds(imgtf.ImageTransform(proc, backend), data_s, args.batch_size)
-                if label == "processor":
-                    std = torch.tensor(getattr(proc, "image_std", [0.5] * 3)).view(1, 3, 1, 1)
-                    step = float(getattr(proc, "rescale_factor", 1 / 255)) / std
-                else:
-                    step = torch.full((1, 3, 1, 1), (1 / 255) / 0.5)
+            # one uint8 step in pixel-value units: rescale / std (the paper's transform: (1/255) / 0.5)
+            std = torch.tensor(getattr(proc, "image_std", None) or [0.5] * 3).view(1, 3, 1, 1)
+            step = float(getattr(proc, "rescale_factor", 1 / 255)) / std
             (tp, xp), (tt, xt) = res["pil"], res["torchvision"]
             steps = (xt - xp).abs() / step
             n = len(data_s)

@@ -11,7 +11,7 @@ Two backends, the config key ``image_backend`` (``auto | pil | torchvision``):
   normalise), or the paper's transform on uint8 tensors (antialiased bilinear resize).
 - ``auto``: torchvision when it imports and decodes here, else PIL.
 
-The two give pixels equal to within a few uint8 steps of resampling (``tests/test_images.py``;
+The two give pixels equal to within a few uint8 steps of resampling (``tests/test_image_transform.py``;
 ``benchmarks/cache_build.py --image_dir`` measures both), so the cache records which one built
 it. torchvision's compiled operators need the torch build they were built against: beside a
 mismatched torch it raises ``operator torchvision::nms does not exist`` at import, and ``auto``
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,8 +29,6 @@ import torch
 IMAGE_BACKENDS = ("auto", "pil", "torchvision")
 PAPER_SIZE = 224
 PAPER_TRANSFORM = "resize224+norm0.5"
-
-logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
