@@ -167,14 +167,16 @@ def resumed_name(own: PathLike, resumed_from: PathLike) -> str:
 # --------------------------------------------------------------------------------------------
 # what PluginTrainer calls
 
-def best_index(scores: list, bigger: bool = True) -> int:
-    """Index of the best validation score as RecBole's ``early_stopping`` counts it: a tie with the
-    best so far is an improvement (``>=``), so the LAST of equal best scores (the one saved)."""
+def best_index(scores: list, bigger: bool = True, first: bool = False) -> int:
+    """Index of the best validation score as the selection rule counts it: RecBole's
+    ``early_stopping`` takes a tie with the best so far as an improvement (``>=``), so the LAST of
+    equal best scores is the one saved; the authors' rule (``first=True``) keeps the FIRST."""
     import numpy as np
 
     s = np.asarray(scores, dtype=float)
     best = s.max() if bigger else s.min()
-    return int(np.flatnonzero(s == best)[-1])
+    ties = np.flatnonzero(s == best)
+    return int(ties[0] if first else ties[-1])
 
 
 def history_state(trainer: Any) -> dict:
@@ -227,7 +229,8 @@ def resume_trainer(trainer: Any, resume_file: PathLike) -> None:
         trainer.valid_scores = list(history.get("valid_scores", []))
         trainer.valid_results = list(history.get("valid_results", []))
         if trainer.valid_scores and len(trainer.valid_results) == len(trainer.valid_scores):
-            best = best_index(trainer.valid_scores, trainer.valid_metric_bigger)
+            best = best_index(trainer.valid_scores, trainer.valid_metric_bigger,
+                              first=getattr(trainer, "selection_rule", "recbole") == "authors")
             trainer.best_valid_result = dict(trainer.valid_results[best])
     else:
         trainer.logger.warning(f"{resume_file} holds no epoch history (not saved by recbole_iisan): the result "
@@ -245,3 +248,91 @@ def load_into_trainer(trainer: Any, path: PathLike) -> None:
     ck = load(path, map_location=trainer.device)
     load_model_state(trainer.model, ck, path)
     trainer.logger.info(f"Loading model structure and parameters from {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# the rolling "last" checkpoint: an interrupted run continues exactly where it stopped
+
+LAST_KEY = "plugin_last_state"
+
+
+def _rng_state(train_data: Any) -> dict:
+    import random
+
+    import numpy as np
+
+    gen = getattr(train_data, "generator", None)
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "loader": gen.get_state() if gen is not None else None}
+
+
+def _set_rng_state(state: dict, train_data: Any) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    gen = getattr(train_data, "generator", None)
+    if gen is not None and state.get("loader") is not None:
+        gen.set_state(state["loader"])
+
+
+def save_last(trainer: Any, epoch: int, path: PathLike, train_data: Any) -> str:
+    """The whole training state after epoch ``epoch`` (0-based): parameters, optimizer, patience,
+    best score and result, per-epoch history, the best model's file and the random-number
+    generators (torch, numpy, python, the training data loader's), written atomically."""
+    state = {
+        "config": trainer.config,
+        "epoch": epoch,
+        "cur_step": trainer.cur_step,
+        "best_valid_score": trainer.best_valid_score,
+        "state_dict": trainer.model.state_dict(),
+        "other_parameter": trainer.model.other_parameter(),
+        "optimizer": trainer.optimizer.state_dict(),
+        HISTORY_KEY: history_state(trainer),
+        LAST_KEY: {"best_valid_result": dict(trainer.best_valid_result or {}),
+                   "best_model_file": str(trainer.saved_model_file),
+                   "train_loss": {int(k): float(v) for k, v in trainer.train_loss_dict.items()},
+                   "rng": _rng_state(train_data)},
+    }
+    save(state, path)
+    return str(path)
+
+
+def is_last_checkpoint(path: PathLike) -> bool:
+    """Whether ``path`` holds a rolling state written by :func:`save_last`."""
+    return Path(path).is_file() and LAST_KEY in load(path)
+
+
+def resume_last(trainer: Any, path: PathLike, train_data: Any) -> None:
+    """Continue a run from its rolling state (:func:`save_last`): the next epoch, the same
+    patience, best model file, history and random-number generators, so that the resumed run
+    trains as the uninterrupted one would have (bitwise on one CPU thread)."""
+    ck = load(path, map_location=trainer.device)
+    last = ck.get(LAST_KEY)
+    if not isinstance(last, dict):
+        raise CheckpointError(f"checkpoint {path}: not a rolling training state (no {LAST_KEY!r}); "
+                              f"pass it as --resume=CHECKPOINT to continue from its epoch instead")
+    check_model_name(ck, trainer.config["model"], path)
+    load_model_state(trainer.model, ck, path)
+    load_optimizer_state(trainer.optimizer, ck, path)
+    trainer.start_epoch = int(ck["epoch"]) + 1
+    trainer.cur_step = int(ck.get("cur_step", 0))
+    trainer.best_valid_score = ck.get("best_valid_score", trainer.best_valid_score)
+    history = ck.get(HISTORY_KEY) or {}
+    trainer.train_epoch_seconds = list(history.get("train_epoch_seconds", []))
+    trainer.eval_seconds = list(history.get("eval_seconds", []))
+    trainer.valid_scores = list(history.get("valid_scores", []))
+    trainer.valid_results = list(history.get("valid_results", []))
+    trainer.best_valid_result = dict(last.get("best_valid_result") or {}) or None
+    trainer.train_loss_dict.update({int(k): float(v) for k, v in (last.get("train_loss") or {}).items()})
+    best_file = last.get("best_model_file")
+    if best_file:
+        trainer.saved_model_file = str(best_file)
+    _set_rng_state(last["rng"], train_data)
+    trainer.resumed_from = str(path)  # RecBole's "save epoch -1" of a finished run writes nothing
+    if trainer.cur_step > int(trainer.stopping_step or 0):  # it had stopped early: nothing left to train
+        trainer.start_epoch = max(trainer.start_epoch, int(trainer.epochs))
+    trainer.logger.info(f"resumed {path} at epoch {trainer.start_epoch} (best model: {trainer.saved_model_file})")

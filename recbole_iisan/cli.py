@@ -3,7 +3,8 @@
     python run_recbole_iisan.py --model=IISANVA --dataset=Scientific [--config_files="a.yaml b.yaml"]
         [--key=value ...]                    any RecBole / plugin config key
         [--paper_protocol]                   the paper's protocol instead of RecBole's
-        [--compare=SASRec,GRU4Rec,IISANVS,IISANVA] [--compare_file=PATH.csv]
+        [--compare=SASRec,GRU4Rec,IISANVS,IISANVA] [--seeds=2020,2021,2022] [--results_dir=DIR]
+        [--jobs=N] [--resume]                 several models and seeds, paired tests (recbole_iisan.comparison)
         [--result_file=PATH.json] [--resume=CHECKPOINT.pth]
         [--nproc=N --world_size=W --ip=IP --port=PORT --group_offset=K]   RecBole's DDP mode
         [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.tuning)
@@ -14,9 +15,7 @@ model without images) ends in one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from typing import Optional, Sequence
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,17 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config_files", default=None, help="space-separated yaml files")
     p.add_argument("--paper_protocol", action="store_true", help="the authors' protocol: last 13 items per user, one training window per user, "
                    "full-history masking, selection on Hit@10, the authors' user encoder")
-    p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate")
-    p.add_argument("--compare_file", default=None, help="CSV for --compare (default saved/compare-<dataset>-<time>.csv)")
+    p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate; the first is the "
+                   "baseline of the paired tests")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: every model runs once per seed (mean ± std, "
+                   "paired tests over users); also 'seeds: [...]' in yaml")
+    p.add_argument("--results_dir", default=None, help="folder of the runs' result files and the table (--compare, "
+                   "--seeds; default saved/compare-<dataset>-<time>)")
+    p.add_argument("--jobs", type=int, default=1, help="runs of --compare/--seeds at a time (each gets cpu_count/jobs "
+                   "torch threads)")
+    p.add_argument("--compare_file", default=None, help="also write the comparison's CSV here")
     p.add_argument("--result_file", default=None, help="JSON result file (default under saved/)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
-                   help="--resume=CHECKPOINT.pth resumes a training run; with --tune, --resume resumes the search")
+                   help="--resume=CHECKPOINT.pth resumes a training run; with --compare/--seeds, --resume continues "
+                   "the comparison in --results_dir; with --tune, --resume resumes the search")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--world_size", type=int, default=-1)
     p.add_argument("--ip", default="localhost")
     p.add_argument("--port", default="5678")
     p.add_argument("--group_offset", type=int, default=0)
-    p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search")
+    p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search (one seed per trial: "
+                   "the config's 'seed'; --seeds does not apply)")
     p.add_argument("--strict", action="store_true", help="unknown config keys are an error (strict_config: True)")
     r = p.add_argument_group("recommend / export (recbole_iisan.recommend, recbole_iisan.export)")
     r.add_argument("--recommend", default=None, help="CHECKPOINT.pth: print top-k items (--topk=K, default 10)")
@@ -68,57 +76,6 @@ def _config_dict(args: argparse.Namespace) -> dict:
     if args.strict:
         d["strict_config"] = True
     return d
-
-
-def _run_in_subprocess(model: str, dataset: str, config_files, config_dict, overrides) -> dict:
-    """One compared model in a fresh process: its peak memory is its own (``VmHWM``)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    proc = ctx.Process(target=_compare_child, args=(model, dataset, config_files, config_dict, overrides, queue))
-    proc.start()
-    proc.join()
-    if queue.empty():
-        return {"model": model, "error": f"exit code {proc.exitcode}"}
-    return queue.get()
-
-
-def _compare_child(model, dataset, config_files, config_dict, overrides, queue) -> None:
-    from recbole_iisan.quick_start import run
-
-    try:
-        run(model, dataset, config_files, config_dict, overrides, queue=queue)
-    except Exception as exc:  # reported in the table, the other models go on
-        queue.put({"model": model, "error": f"{type(exc).__name__}: {exc}"})
-
-
-def compare(models: Sequence[str], dataset: str, config_files, config_dict, overrides,
-            compare_file: Optional[str] = None, protocol: str = "RecBole protocol", breakdown: bool = False) -> int:
-    """``--compare``: inputs prepared once per model here, then each model in its own process;
-    one table whose metric columns are the configured ``metrics`` x ``topk``."""
-    from recbole_iisan import report
-    from recbole_iisan.config import build_config
-    from recbole_iisan.quick_start import prepare_inputs
-
-    configs = [build_config(m, dataset, config_files, config_dict, overrides) for m in models]
-    for config in configs:  # bad names, types and metrics fail here, before anything runs
-        prepare_inputs(config)
-    results = [_run_in_subprocess(m, dataset, config_files, config_dict, overrides) for m in models]
-    metrics, topk = list(configs[0]["metrics"]), list(configs[0]["topk"])
-    columns = report.compare_columns(metrics, topk)
-    rows = report.compare_rows(results, metrics, topk)
-    path = compare_file or os.path.join("saved", f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
-    report.write_csv(path, rows, columns)
-    print(f"\n{dataset}, {protocol}, test split (best validation epoch):\n{report.markdown_table(rows, columns)}"
-          f"\n\nwritten to {path}")
-    if breakdown:
-        from recbole_iisan import breakdown as bd
-
-        metric = f"{metrics[0].lower()}@{max(topk)}"
-        png = bd.plot(results, metric, os.path.splitext(path)[0] + "-breakdown.png")
-        print(f"\n{bd.markdown(results, metric)}\n\nbreakdown plot: {png}")
-    return 0 if all("error" not in r for r in results) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -159,15 +116,23 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
         from recbole_iisan.tuning import main as tune_main
 
         return tune_main(args, overrides, config_files, config_dict)
-    if args.compare:
+    if args.compare or args.seeds:
+        from recbole_iisan.comparison import compare, parse_seeds
         from recbole_iisan.config import get_model_class
 
-        models = [m.strip() for m in args.compare.split(",") if m.strip()]
+        models = [m.strip() for m in (args.compare or args.model).split(",") if m.strip()]
         for m in models:
             get_model_class(m)  # unknown names fail before anything runs
-        protocol = "paper protocol" if args.paper_protocol else "RecBole protocol"
-        return compare(models, args.dataset, config_files, config_dict, overrides, args.compare_file, protocol,
-                       breakdown=args.breakdown)
+        if args.resume not in (None, True):
+            print("error: with --compare/--seeds, --resume takes no value: it continues the comparison in "
+                  "--results_dir", file=sys.stderr)
+            return 2
+        if args.resume and not args.results_dir:
+            print("error: --resume of a comparison needs the folder it writes to: --results_dir=DIR", file=sys.stderr)
+            return 2
+        return compare(models, args.dataset, config_files, config_dict, overrides, seeds=parse_seeds(args.seeds),
+                       results_dir=args.results_dir, compare_file=args.compare_file, resume=bool(args.resume),
+                       jobs=args.jobs, breakdown=args.breakdown)
     if args.nproc > 1 or args.world_size > 0:
         quick_start.run_distributed(args.model, args.dataset, config_files, config_dict, overrides, nproc=args.nproc,
                                     world_size=args.world_size, ip=args.ip, port=args.port,

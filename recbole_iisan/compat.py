@@ -15,14 +15,22 @@ device instead (everything else RecBole does there is kept: ``single_spec``, qui
 and RecBole's trainer module gets a ``DistributedDataParallel`` that leaves ``device_ids`` out
 for a CPU model. With CUDA, RecBole's own code runs unchanged.
 
+RecBole's ``Trainer.fit`` selects epochs with ``recbole.utils.early_stopping``, where a tie with
+the best score so far is an improvement (``>=``: the later epoch is kept and patience restarts).
+The authors' code keeps the first epoch and counts a tie as no improvement (strict ``>``). The
+trainer module's ``early_stopping`` is wrapped so that, inside :func:`strict_improvement`
+(``selection_rule: authors``), a tie is no improvement; outside it RecBole's function runs as is.
+
 ``apply()`` is idempotent and is called when ``recbole_iisan`` is imported.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import types
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -123,6 +131,30 @@ def sync_checkpoint_path(trainer: Any) -> None:
     dist.barrier()
 
 
+_STRICT_IMPROVEMENT = contextvars.ContextVar("recbole_iisan_strict_improvement", default=False)
+
+
+@contextlib.contextmanager
+def strict_improvement(enabled: bool = True) -> Iterator[None]:
+    """Inside, RecBole's early stopping counts a tie with the best score as no improvement."""
+    token = _STRICT_IMPROVEMENT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _STRICT_IMPROVEMENT.reset(token)
+
+
+def _early_stopping_with_strict_rule(original):
+    def early_stopping(value, best, cur_step, max_step, bigger=True):
+        if _STRICT_IMPROVEMENT.get() and value == best:
+            cur_step += 1
+            return best, cur_step, cur_step > max_step, False
+        return original(value, best, cur_step, max_step, bigger=bigger)
+
+    early_stopping.__wrapped__ = original  # type: ignore[attr-defined]
+    return early_stopping
+
+
 def apply() -> None:
     """Install the shims (idempotent)."""
     global _APPLIED
@@ -144,6 +176,8 @@ def apply() -> None:
 
     if not hasattr(Config._init_device, "__wrapped__"):
         Config._init_device = _init_device_cpu_ddp(Config._init_device)
+    if not hasattr(rb_trainer.early_stopping, "__wrapped__"):
+        rb_trainer.early_stopping = _early_stopping_with_strict_rule(rb_trainer.early_stopping)
     if not hasattr(rb_trainer.DistributedDataParallel, "__wrapped__"):
         rb_trainer.DistributedDataParallel = _ddp_for_device(rb_trainer.DistributedDataParallel)
     _APPLIED = True

@@ -91,6 +91,16 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def count_train_targets(model: torch.nn.Module, train_dataset: Any) -> int:
+    """Loss targets per epoch: every position of every training window for a model whose loss
+    reads every position (IISAN, ``loss_positions: all``), else one per training row (RecBole's
+    sequential models, whose loss reads the last position of each augmented prefix). Equal counts
+    mean equal supervision: the same (user, position, target) triples."""
+    if getattr(model, "loss_positions", "last") == "all":
+        return int(train_dataset.inter_feat[model.ITEM_SEQ_LEN].sum())
+    return len(train_dataset)
+
+
 def config_digest(config: Any) -> str:
     """A short digest of the settings that change results (for the result file)."""
     items = {k: repr(v) for k, v in sorted(config.final_config_dict.items())
@@ -110,23 +120,28 @@ def run(
     callback_fn: Optional[Callable[[int, float], None]] = None,
     evaluate_test: bool = True,
     queue: Any = None,
+    checkpoint_file: Optional[str] = None,
+    last_checkpoint_file: Optional[str] = None,
 ) -> dict:
     """Train ``model`` on ``dataset`` and evaluate it; returns (and writes) the result dict.
 
     The pipeline: config -> :func:`prepare_inputs` (atomic files, encoder caches) -> dataset and
-    split -> model -> :class:`PluginTrainer` -> test at the best validation epoch -> result file."""
+    split -> model -> :class:`PluginTrainer` -> test at the best validation epoch -> result file
+    (JSON) and, beside it, each test user's metrics (``<result>.users.csv``, :mod:`recbole_iisan.evaluator.per_user`).
+
+    ``checkpoint_file`` names the best model's file (default: RecBole's ``<Model>-<time>.pth``);
+    with ``last_checkpoint_file`` the whole training state is saved there after every validation,
+    and ``resume`` given that file continues the run exactly where it stopped."""
     config = build_config(model, dataset, config_files, config_dict, overrides)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
     model_class = get_model_class(model)
-    from recbole_iisan.trainer import apply_protocol_defaults
-
-    apply_protocol_defaults(config)  # mask_history, and the paper's selection rule under paper_protocol
     if config["paper_protocol"]:
-        logger.info(set_color("paper protocol", "yellow") + ": last 13 items per user, one training window per "
-                    f"user, mask_history {config['mask_history']}, selection on {config['valid_metric']}")
+        logger.info(set_color("paper protocol", "yellow") + ": last 13 items per user, every position of the "
+                    f"user's window trained, mask_history {config['mask_history']}, selection on "
+                    f"{config['valid_metric']} ({config['selection_rule']} rule), batch {config['train_batch_size']}")
 
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
@@ -142,9 +157,14 @@ def run(
     n_trainable = trainable_parameters(net)
     logger.info(set_color("trainable parameters", "blue") + f": {n_trainable:,}")
 
-    trainer = PluginTrainer(config, net)
+    trainer = PluginTrainer(config, net, checkpoint_file=checkpoint_file, last_checkpoint_file=last_checkpoint_file)
     if resume:
-        trainer.resume_checkpoint(resume)
+        from recbole_iisan import checkpoint
+
+        if checkpoint.is_last_checkpoint(resume):
+            checkpoint.resume_last(trainer, resume, train_data)
+        else:
+            trainer.resume_checkpoint(resume)
     if config["device"].type == "cuda":
         torch.cuda.reset_peak_memory_stats(config["device"])
     t0 = time.perf_counter()
@@ -154,6 +174,7 @@ def run(
     fit_seconds = time.perf_counter() - t0
     test_result = None
     test_seconds = None
+    per_user: dict = {}
     if evaluate_test:
         if saved and not config["single_spec"]:
             from recbole_iisan.compat import sync_checkpoint_path
@@ -162,6 +183,7 @@ def run(
         t1 = time.perf_counter()
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
         test_seconds = time.perf_counter() - t1
+        per_user = dict(trainer.evaluator.per_user)
 
     epochs = trainer.train_epoch_seconds
     result = {
@@ -173,6 +195,9 @@ def run(
         "mask_history": bool(config["mask_history"]),
         "selection_metric": config["valid_metric"],
         "train_samples": len(train_data._dataset),
+        "train_targets": count_train_targets(net, train_data._dataset),
+        "train_batch_size": int(config["train_batch_size"]),
+        "selection_rule": config["selection_rule"],
         "user_encoder": getattr(net, "user_encoder", None) if isinstance(getattr(net, "user_encoder", None), str) else None,
         "seed": config["seed"],
         "device": str(config["device"]),
@@ -184,7 +209,13 @@ def run(
         "best_valid_result": {k: float(v) for k, v in (best_valid_result or {}).items()},
         "test_result": {k: float(v) for k, v in (test_result or {}).items()} if test_result else None,
         "epochs_run": len(epochs),
+        "epochs": int(config["epochs"]),
+        "stopping_step": int(config["stopping_step"]),
         "best_epoch": trainer.best_epoch + 1,
+        "converged": trainer.converged,
+        "valid_scores": list(trainer.valid_scores),
+        "train_losses": [float(trainer.train_loss_dict[k]) for k in sorted(trainer.train_loss_dict)],
+        "torch_threads": torch.get_num_threads(),
         "train_seconds_per_epoch": float(sum(epochs) / len(epochs)) if epochs else None,
         "eval_seconds_per_pass": float(sum(trainer.eval_seconds) / len(trainer.eval_seconds)) if trainer.eval_seconds else None,
         "test_seconds": test_seconds,
@@ -203,7 +234,17 @@ def run(
     logger.info(set_color("best valid ", "yellow") + f": {result['best_valid_result']}")
     if test_result is not None:
         logger.info(set_color("test result", "yellow") + f": {result['test_result']}")
+    if not trainer.converged:
+        logger.warning(f"{config['model']} (seed {config['seed']}): still improving at the epoch cap: best epoch "
+                       f"{result['best_epoch']} of {config['epochs']}, within stopping_step {config['stopping_step']} "
+                       f"of the cap: raise --epochs")
     path = result_file or os.path.join("saved", f"{config['model']}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    if test_result is not None and config["single_spec"] and per_user:
+        from recbole_iisan.evaluator import per_user as per_user_mod
+
+        users = per_user_mod.test_user_tokens(test_data)
+        result["per_user_file"] = os.path.basename(per_user_mod.path_for(path))
+        per_user_mod.write(per_user_mod.path_for(path), users, per_user)
     if config["local_rank"] == 0:  # DDP: one result file, written by rank 0
         write_result(path, result)
         logger.info(f"result written to {path}")

@@ -1,15 +1,21 @@
 """The Trainer every model of a plugin run uses (IISAN and RecBole's own models alike).
 
-It is RecBole's ``Trainer`` with four additions, none of which changes RecBole's training:
+It is RecBole's ``Trainer`` with these additions, none of which changes RecBole's training:
 - the optimizer takes ``model.param_groups()`` when a model defines it (IISAN's per-group
   learning rates, ``iisan_lr``), through RecBole's own ``_build_optimizer(params=...)`` hook;
 - ``mask_history: True`` gives every item of the user's history before the target (validation:
   every training item; test: the training items and the validation item; the whole history, not
   only the input window) score -inf at full ranking, for every sequential model (IISAN, SASRec,
   GRU4Rec ...): a repeat target can then never be a hit, as in the paper. Default: False under
-  RecBole's protocol, True under ``paper_protocol`` (see :func:`apply_protocol_defaults`);
-- ``paper_protocol: True`` also selects the epoch and stops early on ``Hit@10`` unless the user
-  set ``valid_metric``;
+  RecBole's protocol, True under ``paper_protocol`` (``config.resolve_protocol``);
+- ``selection_rule: authors`` (the default under ``paper_protocol``) selects the first epoch whose
+  unrounded validation score is strictly higher than every earlier one, as the authors' code; RecBole
+  (``recbole``) keeps the later of two epochs whose 4-decimal rounded scores tie;
+- every evaluation keeps each user's value of every top-k metric (:class:`RecordingEvaluator`),
+  which the run writes beside its result file for paired tests between models;
+- with ``last_checkpoint_file``, the whole training state (model, optimizer, patience, history,
+  random-number generators) is saved after every validation, so an interrupted run resumes exactly
+  where it stopped (:func:`recbole_iisan.checkpoint.resume_last`);
 - it records training-only seconds per epoch, evaluation seconds and the best epoch, which the
   run report and the benchmarks read;
 - checkpoints go through ``recbole_iisan.checkpoint``: atomic saves, one line for a checkpoint
@@ -19,15 +25,18 @@ It is RecBole's ``Trainer`` with four additions, none of which changes RecBole's
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from recbole.evaluator import Evaluator
+from recbole.evaluator.base_metric import TopkMetric
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_iisan import checkpoint
-from recbole_iisan.utils import config_get as _config_get
+from recbole_iisan.compat import strict_improvement
 
 
 def _sync(device: torch.device) -> None:
@@ -35,49 +44,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-#: what ``paper_protocol: True`` changes when the user did not set the key (iisan-method.md 4.4, 5)
-PAPER_PROTOCOL_DEFAULTS = {"mask_history": True, "valid_metric": "Hit@10", "stopping_step": 10}
+class RecordingEvaluator(Evaluator):
+    """RecBole's ``Evaluator``, keeping each evaluated user's value of every top-k metric (the
+    values RecBole averages and rounds: ``per_user["hit@10"]`` is ``[n_users]``, in the order of
+    the evaluation data) and their unrounded means (``unrounded``)."""
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.per_user: dict[str, np.ndarray] = {}
+        self.unrounded: dict[str, float] = {}
 
-def user_set(config: Any, key: str) -> bool:
-    """Whether the user gave ``key`` (command line, ``config_dict`` or a config file of their own)
-    rather than the plugin's yaml files. A user file that repeats the plugin's default value
-    counts as not given."""
-    for layer in ("cmd_config_dict", "variable_config_dict"):
-        if key in (getattr(config, layer, None) or {}):
-            return True
-    files = getattr(config, "file_config_dict", None) or {}
-    if key not in files:
-        return False
-    from recbole_iisan.config import _file_dicts
+    def evaluate(self, dataobject):
+        self.per_user, result = {}, OrderedDict()
+        for name in self.metrics:
+            metric = self.metric_class[name]
+            if not isinstance(metric, TopkMetric):
+                result.update(metric.calculate_metric(dataobject))
+                continue
+            captured: dict[str, np.ndarray] = {}
+            own = metric.topk_result  # (metric name, [n_users, max k] per-user values) -> averaged dict
 
-    plugin = _file_dicts(getattr(config, "plugin_files", []) or [])
-    return key not in plugin or plugin[key] != files[key]
+            def capture(m: str, value: np.ndarray, own=own, captured=captured) -> dict:
+                captured[m] = value
+                return own(m, value)
 
-
-def apply_protocol_defaults(config: Any) -> None:
-    """Resolve the protocol-dependent defaults in place (idempotent).
-
-    ``mask_history: ~`` (the yaml default) becomes ``paper_protocol``; under the paper protocol
-    ``valid_metric`` becomes ``Hit@10`` and ``stopping_step`` 10 unless the user set them."""
-    paper = bool(_config_get(config, "paper_protocol", False))
-    if _config_get(config, "mask_history", None) is None:
-        config["mask_history"] = paper
-    if paper:
-        for key, value in PAPER_PROTOCOL_DEFAULTS.items():
-            if key != "mask_history" and not user_set(config, key):
-                config[key] = value
-        from recbole_iisan.config import check_metrics
-
-        check_metrics(config)  # Hit@10 must be computed (metrics x topk): one line otherwise
+            metric.topk_result = capture
+            try:
+                result.update(metric.calculate_metric(dataobject))
+            finally:
+                del metric.topk_result
+            for m, value in captured.items():
+                for k in metric.topk:
+                    self.per_user[f"{m}@{k}"] = np.asarray(value[:, k - 1], dtype=np.float64)
+        self.unrounded = {k: float(v.mean()) if v.size else 0.0 for k, v in self.per_user.items()}
+        return result
 
 
 class PluginTrainer(Trainer):
     """RecBole's Trainer + parameter groups, the paper's history masking and timings."""
 
-    def __init__(self, config: Any, model: torch.nn.Module) -> None:
-        apply_protocol_defaults(config)
+    def __init__(self, config: Any, model: torch.nn.Module, checkpoint_file: Optional[str] = None,
+                 last_checkpoint_file: Optional[str] = None) -> None:
+        from recbole_iisan.config import resolve_protocol
+
+        resolve_protocol(config)  # idempotent: a config built elsewhere gets the protocol's defaults too
         super().__init__(config, model)
+        self.evaluator = RecordingEvaluator(config)
+        if checkpoint_file:
+            self.saved_model_file = str(checkpoint_file)
+        #: where the whole training state is saved after every validation (``--resume`` continues it)
+        self.last_checkpoint_file = last_checkpoint_file
+        self.selection_rule = str(config["selection_rule"])
         self.mask_history = bool(config["mask_history"])
         self._eval_dataset = None
         self.train_epoch_seconds: list[float] = []
@@ -103,9 +120,26 @@ class PluginTrainer(Trainer):
         self.train_epoch_seconds.append(time.perf_counter() - start)
         return loss
 
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's ``fit``, with the selection rule of ``selection_rule`` and, when
+        ``last_checkpoint_file`` is set, the whole training state saved after every validation."""
+
+        def after_validation(epoch_idx: int, valid_score: float) -> None:
+            if self.last_checkpoint_file and (self.config["single_spec"] or self.config["local_rank"] == 0):
+                checkpoint.save_last(self, epoch_idx, self.last_checkpoint_file, train_data)
+            if callback_fn is not None:
+                callback_fn(epoch_idx, valid_score)
+
+        with strict_improvement(self.selection_rule == "authors"):
+            return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                               callback_fn=after_validation)
+
     def _valid_epoch(self, valid_data, show_progress=False):
         start = time.perf_counter()
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        if self.selection_rule == "authors" and self.config["single_spec"]:
+            # the unrounded mean over users (RecBole rounds to 4 places; DDP ranks hold a part of the users)
+            score = self.evaluator.unrounded.get(self.valid_metric, score)
         self.eval_seconds.append(time.perf_counter() - start)
         self.valid_scores.append(float(score))
         self.valid_results.append({k: float(v) for k, v in (result or {}).items()})
@@ -140,7 +174,14 @@ class PluginTrainer(Trainer):
         """0-based epoch of the best validation score (-1 before any validation)."""
         if not self.valid_scores:
             return -1
-        return (checkpoint.best_index(self.valid_scores, self.valid_metric_bigger) + 1) * self.eval_step - 1
+        best = checkpoint.best_index(self.valid_scores, self.valid_metric_bigger, first=self.selection_rule == "authors")
+        return (best + 1) * self.eval_step - 1
+
+    @property
+    def converged(self) -> bool:
+        """False when the best epoch is within ``stopping_step`` epochs of the epoch cap: the run
+        did not stop early and may still be improving."""
+        return not (self.valid_scores and self.epochs - (self.best_epoch + 1) < int(self.stopping_step or 0))
 
     def _full_sort_batch_eval(self, batched_data):
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)

@@ -88,10 +88,9 @@ def _setup(env, model: str, **extra):
 
     from recbole_iisan.config import get_model_class
     from recbole_iisan.quick_start import create_dataset, prepare_inputs
-    from recbole_iisan.trainer import PluginTrainer, apply_protocol_defaults
+    from recbole_iisan.trainer import PluginTrainer
 
     cfg = _config(env, model, **extra)
-    apply_protocol_defaults(cfg)
     init_seed(cfg["seed"], True)
     cls = get_model_class(model)
     prepare_inputs(cfg, cls)
@@ -135,6 +134,37 @@ def test_paper_protocol_trains_one_window_per_user_the_train_sequence(env) -> No
     # RecBole's protocol keeps its prefix augmentation (numbers of the default protocol unchanged)
     _, _, (train_rb, _, _), _, _ = _setup(env, "IISANVS")
     assert len(train_rb._dataset) == sum(len(s) - 3 for s in SEQS.values())
+
+
+def _triples(net, loader, ds) -> list[tuple[str, int, str]]:
+    """The (user, position in the user's sequence, target) triples one training epoch supervises:
+    every position of each window for a model whose loss reads every position, else the last
+    position of each training row (RecBole's SASRec / GRU4Rec)."""
+    out = []
+    for batch in loader:
+        seqs, lens, targets = batch["item_id_list"], batch["item_length"], batch["item_id"]
+        for r in range(len(lens)):
+            user = str(ds.id2token(ds.uid_field, int(batch["user_id"][r])))
+            n = int(lens[r])
+            window = [int(i) for i in seqs[r][:n]] + [int(targets[r])]
+            positions = range(1, n + 1) if getattr(net, "loss_positions", "last") == "all" else [n]
+            out += [(user, j, _tok(ds, [window[j]])[0]) for j in positions]
+    return sorted(out)
+
+
+def test_every_model_trains_on_the_same_user_position_target_triples_under_the_paper_protocol(env) -> None:
+    from recbole_iisan.quick_start import count_train_targets
+
+    # by hand: each user's train sequence s[0:L-2] of the 13-truncated sequence; every position
+    # j >= 1 of it is a target predicted from s[0:j]
+    expected = sorted((u, j, truncated(s)[j]) for u, s in SEQS.items() for j in range(1, len(truncated(s)) - 2))
+    assert len(expected) == 25  # 2 + 4 + 10 + 2 + 4 + 3
+    for model in ("SASRec", "GRU4Rec", "IISANVS"):
+        cfg, ds, (train, _, _), net, _ = _setup(env, model, paper_protocol=True)
+        assert _triples(net, train, ds) == expected, model
+        assert count_train_targets(net, train._dataset) == 25, model
+    # IISAN: one window per user (the authors' layout); RecBole's models: the prefixes of the same window
+    assert len(train._dataset) == len(SEQS)
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -250,16 +280,18 @@ def test_masked_ranks_equal_the_reference_and_mask_history_changes_only_what_it_
             assert torch.equal(masked[r], ref)  # exactly the history items, nothing else
             if target in history:
                 repeat_users.add(u)
-                assert masked[r, target] == -math.inf  # a repeat target can never be a hit
-                hits.append(0.0)
+                hits.append(0.0)  # a repeat target can never be a hit
                 ndcgs.append(0.0)
                 continue
-            # a non-repeat target moves up by the number of history items that scored above it
-            above = sum(1 for h in history if plain[r, h] > plain[r, target])
-            rank = _rank(masked[r], target)
-            assert rank == _rank(plain[r], target) - above
+            # the rank, independently: sort the unmasked scores of the candidates (every real item
+            # not in the history; 15 items, more than the cut-off 10) and find the target
+            cands = [i for i in range(1, ds.item_num) if i not in history]
+            order = sorted(cands, key=lambda i: -float(plain[r, i]))
+            rank = 1 + sum(1 for i in order if float(plain[r, i]) > float(plain[r, target]))
+            assert order.index(target) + 1 >= rank  # ties broken either way
             hits.append(float(rank <= 10))
             ndcgs.append(1.0 / math.log2(rank + 1) if rank <= 10 else 0.0)
+        assert ds.item_num - 1 == 15 and 0 < sum(hits) < len(hits)  # the cut-off matters here
         # RecBole's evaluator on the masked scores gives the reference HR@10 / NDCG@10
         trainer.mask_history = True
         res = trainer.evaluate(loader, load_best_model=False)
@@ -271,20 +303,35 @@ def test_masked_ranks_equal_the_reference_and_mask_history_changes_only_what_it_
 # ------------------------------------------------------------------------------------------- defaults
 
 def test_protocol_defaults_and_explicit_choices(env) -> None:
-    from recbole_iisan.trainer import apply_protocol_defaults
-
     cfg = _config(env, "SASRec")
-    apply_protocol_defaults(cfg)
-    assert cfg["mask_history"] is False and cfg["valid_metric"] == "NDCG@10"
-    cfg = _config(env, "SASRec", paper_protocol=True)
-    apply_protocol_defaults(cfg)
-    assert cfg["mask_history"] is True and cfg["valid_metric"] == "Hit@10" and cfg["stopping_step"] == 10
-    cfg = _config(env, "SASRec", paper_protocol=True, mask_history=False, valid_metric="NDCG@10")
-    apply_protocol_defaults(cfg)
-    assert cfg["mask_history"] is False and cfg["valid_metric"] == "NDCG@10"
+    assert (cfg["mask_history"], cfg["valid_metric"], cfg["selection_rule"], cfg["train_batch_size"]) == \
+        (False, "NDCG@10", "recbole", 64)  # 64: the test's own config_dict
+    cfg = build_config_plain(env, "SASRec", paper_protocol=True)
+    assert (cfg["mask_history"], cfg["valid_metric"], cfg["stopping_step"], cfg["selection_rule"],
+            cfg["train_batch_size"]) == (True, "Hit@10", 10, "authors", 64)
+    assert build_config_plain(env, "SASRec")["train_batch_size"] == 512  # RecBole's protocol: the yaml's
+    cfg = _config(env, "SASRec", paper_protocol=True, mask_history=False, valid_metric="NDCG@10",
+                  selection_rule="recbole", train_batch_size=128)
+    assert (cfg["mask_history"], cfg["valid_metric"], cfg["selection_rule"], cfg["train_batch_size"]) == \
+        (False, "NDCG@10", "recbole", 128)
     cfg = _config(env, "SASRec", mask_history=True)
-    apply_protocol_defaults(cfg)
     assert cfg["mask_history"] is True and cfg["valid_metric"] == "NDCG@10"
+    cfg = build_config_plain(env, "IISANVS", paper_protocol=True)
+    assert (cfg["loss_positions"], cfg["user_encoder"], cfg["train_batch_size"]) == ("all", "authors", 64)
+    cfg = build_config_plain(env, "IISANVS")
+    assert (cfg["loss_positions"], cfg["user_encoder"], cfg["train_batch_size"]) == ("last", "recbole", 512)
+
+
+def build_config_plain(env, model: str, **extra):
+    """A config with only the data path (and the towers of IISAN) set: the yaml's defaults."""
+    from recbole_iisan.config import build_config
+
+    d = {"data_path": str(env["data"])}
+    if model.startswith("IISAN"):
+        d.update({"towers": ["text", "text2"], "text_encoder": env["bert"], "text2_encoder": env["bert"],
+                  "text_fields": ["title"], "text2_fields": ["title"]})
+    d.update(extra)
+    return build_config(model, "hand", config_dict=d)
 
 
 def test_result_json_records_the_protocol(env, tmp_path: Path) -> None:
@@ -298,47 +345,108 @@ def test_result_json_records_the_protocol(env, tmp_path: Path) -> None:
                      "--paper_protocol"])
     assert code == 0
     r = json.loads(out.read_text())
-    assert (r["protocol"], r["mask_history"], r["selection_metric"], r["train_samples"]) == ("paper", True, "Hit@10", 6)
+    assert (r["protocol"], r["mask_history"], r["selection_metric"], r["selection_rule"]) == \
+        ("paper", True, "Hit@10", "authors")
+    # SASRec: RecBole's prefixes of each user's window, one loss target each (25, see above)
+    assert (r["train_samples"], r["train_targets"], r["train_batch_size"]) == (25, 25, 64)
 
 
 # ------------------------------------------------------------------------------------------- user encoder
 
-def test_authors_user_encoder(env) -> None:
+def _authors_encoder_reference(net, window_emb: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The authors' user encoder written out from their code (SASRec blocks: post-LN, Q/K/V/O without
+    biases, ReLU FFN, causal + key-padding mask filled with -1e9, learned absolute positions on
+    right-aligned windows), in float64 with explicit loops over users and heads, from the model's
+    weights. ``window_emb [B, S, d]`` right-aligned, ``real [B, S]`` -> ``[B, S, d]``."""
+    def lin(layer, x):
+        y = x @ layer.weight.double().t()
+        return y + layer.bias.double() if layer.bias is not None else y
+
+    def norm(layer, x):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + layer.eps) * layer.weight.double() + layer.bias.double()
+
+    B, S, d = window_emb.shape
+    heads = net.trm_encoder.n_heads
+    dk = d // heads
+    x = norm(net.LayerNorm, window_emb.double() + net.position_embedding.weight[:S].double())
+    for blk in net.trm_encoder.blocks:
+        q, k, v = lin(blk["q"], x), lin(blk["k"], x), lin(blk["v"], x)
+        ctx = torch.zeros_like(x)
+        for b in range(B):
+            for h in range(heads):
+                sl = slice(h * dk, (h + 1) * dk)
+                att = q[b, :, sl] @ k[b, :, sl].t() / math.sqrt(dk)
+                for i in range(S):
+                    for j in range(S):
+                        if j > i or not real[b, j]:
+                            att[i, j] = -1e9
+                ctx[b, :, sl] = torch.softmax(att, dim=-1) @ v[b, :, sl]
+        x = norm(blk["attn_norm"], x + lin(blk["o"], ctx))
+        x = norm(blk["ffn_norm"], x + lin(blk["ffn_out"], torch.relu(lin(blk["ffn_in"], x))))
+    return x
+
+
+def test_authors_user_encoder_equals_the_reference_written_from_their_code(env) -> None:
     cfg, ds, (train, _, _), net, _ = _setup(env, "IISANVS", paper_protocol=True)
     assert net.user_encoder == "authors"
-    for blk in net.trm_encoder.blocks:
-        for k in ("q", "k", "v", "o"):
-            assert blk[k].bias is None
-        assert blk["ffn_in"].bias.abs().sum() == 0 and blk["attn_norm"].eps == 1e-6
     net.eval()
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial biases and norms, so that every term of the block counts
+        for p in net.trm_encoder.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        net.position_embedding.weight.add_(torch.randn(net.position_embedding.weight.shape, generator=g))
     L = net.max_seq_length
-    emb = torch.randn(3, L, 16)
-    item_seq = torch.zeros(3, L, dtype=torch.long)
     lens = [L, 4, 1]
+    emb = torch.randn(len(lens), L, 16, generator=g)
+    item_seq = torch.zeros(len(lens), L, dtype=torch.long)
     for b, n in enumerate(lens):
         item_seq[b, :n] = torch.arange(1, n + 1)
-    out = net.encode_sequence(emb, item_seq)
-    # left-aligned outputs; pads give zeros; the last item does not depend on what follows it
-    assert out[1, 4:].abs().sum() == 0
-    emb2 = emb.clone()
-    emb2[1, 4:] = 100.0
-    torch.testing.assert_close(net.encode_sequence(emb2, item_seq)[1, :4], out[1, :4])
-    # absolute right-aligned positions: the most recent item is always at position L-1
     with torch.no_grad():
-        net.position_embedding.weight[0] += 3 * torch.randn(16)  # position 0 is only used by a full-length sequence
-    out_p0 = net.encode_sequence(emb, item_seq)
-    assert not torch.allclose(out_p0[0, L - 1], out[0, L - 1])
-    torch.testing.assert_close(out_p0[1:], out[1:])
-    with torch.no_grad():
-        net.position_embedding.weight[L - 1] += 3 * torch.randn(16)  # every sequence's last item
-    out_pl = net.encode_sequence(emb, item_seq)
+        out = net.encode_sequence(emb, item_seq)  # left-aligned
     for b, n in enumerate(lens):
-        assert not torch.allclose(out_pl[b, n - 1], out_p0[b, n - 1])
+        window = torch.zeros(1, L, 16)
+        window[0, L - n:] = emb[b, :n]  # the authors' right-aligned (left-padded) window
+        real = torch.zeros(1, L, dtype=torch.bool)
+        real[0, L - n:] = True
+        ref = _authors_encoder_reference(net, window, real)[0, L - n:]
+        torch.testing.assert_close(out[b, :n].double(), ref, rtol=1e-5, atol=1e-5)
     # RecBole's protocol keeps RecBole's encoder
     _, _, _, net_rb, _ = _setup(env, "IISANVS")
     assert net_rb.user_encoder == "recbole"
     assert type(net_rb.trm_encoder).__module__.startswith("recbole.")
+
+
+def test_loss_from_cached_states_through_the_encoder_equals_the_reference(env) -> None:
+    """No stubs: the model's own item side over the cached states gives the item embeddings, the
+    reference encoder above gives the user outputs on the authors' windows, the loop formula the loss."""
+    cfg, ds, (train, _, _), net, _ = _setup(env, "IISANVS", paper_protocol=True)
+    batch = next(iter(train))
+    net.eval()  # no dropout: the reference has none
+    with torch.no_grad():
+        loss = float(net.calculate_loss(batch))
+        E = net.compute_item_table().double()
+    tok2id = {str(t): i for i, t in enumerate(ds.field2id_token[ds.iid_field])}
+    windows, inputs, real = [], [], []
+    users = [str(ds.id2token(ds.uid_field, int(u))) for u in batch["user_id"]]
+    for u in users:
+        s = truncated(SEQS[u])
+        seq = [tok2id[t] for t in s[: len(s) - 2]]
+        w = [0] * (T - len(seq)) + seq  # 11 left-padded slots
+        windows.append(w)
+        inputs.append(E[torch.tensor(w[:-1])] * torch.tensor([float(i != 0) for i in w[:-1]])[:, None])
+        real.append([i != 0 for i in w[:-1]])
+    with torch.no_grad():
+        Q = _authors_encoder_reference(net, torch.stack(inputs), torch.tensor(real))
+    counts: dict[int, int] = {}
+    for s in SEQS.values():
+        s = truncated(s)
+        for t in s[: len(s) - 2]:
+            counts[tok2id[t]] = counts.get(tok2id[t], 0) + 1
+    logp = {i: math.log(c / sum(counts.values())) for i, c in counts.items()}
+    ref = _reference_loss(windows, E.numpy(), Q.numpy(), logp)
+    assert abs(loss - ref) < 1e-5 * max(1.0, abs(ref)), (loss, ref)
 
 
 # ------------------------------------------------------------------------------------------- cache

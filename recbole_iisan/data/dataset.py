@@ -45,17 +45,24 @@ class ProtocolSequentialDataset(SequentialDataset):
 
     ``paper_protocol: True`` (iisan-method.md 1.3-1.5): each user's sequence is cut to its
     ``MAX_ITEM_LIST_LENGTH + 3`` most recent interactions before anything else; validation and
-    test are RecBole's leave-one-out rows (the up-to-10 items before the target); the training
-    split holds ONE row per user (RecBole's prefix augmentation dropped): the user's last
-    training row, whose ``item_id_list`` is the train sequence ``s[0:L-3]`` and whose target is
-    ``s[L-3]``, so that its slots (``model/loss.py build_slots``) are the whole train sequence
-    ``s[0:L-2]`` and, with ``loss_positions: all``, position j predicts slot j+1 (the authors'
-    window).
+    test are RecBole's leave-one-out rows (the up-to-10 items before the target). For a model whose
+    loss reads every position (``loss_positions: all``), the training split holds ONE row per user
+    (RecBole's prefix augmentation dropped): the user's last training row, whose ``item_id_list``
+    is the train sequence ``s[0:L-3]`` and whose target is ``s[L-3]``, so that its slots
+    (``model/loss.py build_slots``) are the whole train sequence ``s[0:L-2]`` and position j
+    predicts slot j+1 (the authors' window). Models whose loss reads the last position keep
+    RecBole's prefixes of the same train sequence: the same (user, position, target) triples.
     """
 
     @property
     def one_window_per_user(self) -> bool:
-        return bool(_config_get(self.config, "paper_protocol", False))
+        """The training split as one window per user: under the paper protocol, for a model whose
+        loss reads every position of the window (``loss_positions: all``, IISAN's default there).
+        Every other sequential model (RecBole's SASRec, GRU4Rec, ...: loss at the last position)
+        keeps RecBole's prefix augmentation inside the same truncated sequences, which yields the
+        same (user, position, target) triples: equal supervision."""
+        return bool(_config_get(self.config, "paper_protocol", False)) and \
+            _config_get(self.config, "loss_positions", None) == "all"
 
     def data_augmentation(self) -> None:
         # the users' full sequences (after filtering, in time order) before RecBole's augmentation

@@ -113,10 +113,7 @@ class SideNetworkRecommender(SequentialRecommender):
         self.embedding_size = int(config["embedding_size"])
         self.hidden_size = self.embedding_size
         self.loss_type = str(config["loss_type"])
-        positions = str(config["loss_positions"])
-        if positions == "auto":
-            positions = "all" if config["paper_protocol"] else "last"
-        self.loss_positions = positions
+        self.loss_positions = str(config["loss_positions"])  # resolved from 'auto' by config.resolve_protocol
         self.mixed_precision = str(config["mixed_precision"]).lower()
         self.tower_batch_size = int(config["tower_batch_size"])
         self.run_pads = bool(config["run_pads"])
@@ -162,10 +159,7 @@ class SideNetworkRecommender(SequentialRecommender):
 
     # ------------------------------------------------------------------ user encoder
     def _build_user_encoder(self, config) -> None:
-        encoder = config["user_encoder"]
-        if encoder is None:  # the yaml default: the authors' under the paper protocol
-            encoder = "authors" if config["paper_protocol"] else "recbole"
-        self.user_encoder = str(encoder)
+        self.user_encoder = str(config["user_encoder"])  # resolved from ~ by config.resolve_protocol
         check_choice("user_encoder", self.user_encoder, USER_ENCODERS)
         self.user_encoder_init = str(config["user_encoder_init"])
         self.initializer_range = float(config["initializer_range"])
