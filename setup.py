@@ -28,6 +28,9 @@ setup(
         "psutil",
         "matplotlib",
         "pooch>=1.6",              # dataset download: sha256, retries, progress bar, atomic rename
+        "scipy>=1.9",              # paired tests and bootstrap intervals of comparisons
+        "statsmodels>=0.14",       # Holm correction of the comparisons' p-values
+        "tabulate>=0.9",           # markdown tables
         "gdown>=5",                # the authors' image zips on Google Drive
     ],
     extras_require={

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper_protocol", action="store_true", help="the authors' protocol: last 13 items per user, one training window per user, "
                    "full-history masking, selection on Hit@10, the authors' user encoder")
     p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate; the first is the "
-                   "baseline of the paired tests")
+                   "baseline of the paired tests; a variant: 'IISANVS[item_id_embedding=True]'")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: every model runs once per seed (mean ± std, "
                    "paired tests over users); also 'seeds: [...]' in yaml")
     p.add_argument("--results_dir", default=None, help="folder of the runs' result files and the table (--compare, "
@@ -117,11 +117,11 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
 
         return tune_main(args, overrides, config_files, config_dict)
     if args.compare or args.seeds:
-        from recbole_iisan.comparison import compare, parse_seeds
+        from recbole_iisan.comparison import compare, parse_entries, parse_seeds
         from recbole_iisan.config import get_model_class
 
-        models = [m.strip() for m in (args.compare or args.model).split(",") if m.strip()]
-        for m in models:
+        entries = parse_entries(args.compare or args.model)
+        for _, m, _ in entries:
             get_model_class(m)  # unknown names fail before anything runs
         if args.resume not in (None, True):
             print("error: with --compare/--seeds, --resume takes no value: it continues the comparison in "
@@ -130,7 +130,7 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
         if args.resume and not args.results_dir:
             print("error: --resume of a comparison needs the folder it writes to: --results_dir=DIR", file=sys.stderr)
             return 2
-        return compare(models, args.dataset, config_files, config_dict, overrides, seeds=parse_seeds(args.seeds),
+        return compare(entries, args.dataset, config_files, config_dict, overrides, seeds=parse_seeds(args.seeds),
                        results_dir=args.results_dir, compare_file=args.compare_file, resume=bool(args.resume),
                        jobs=args.jobs, breakdown=args.breakdown)
     if args.nproc > 1 or args.world_size > 0:

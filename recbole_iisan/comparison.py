@@ -36,6 +36,40 @@ from recbole_iisan.utils import atomic_write_json, atomic_write_text
 CHECKPOINTS = "checkpoints"
 
 
+def parse_entries(text: str) -> list[tuple[str, str, dict]]:
+    """``--compare`` entries -> ``[(label, model, overrides)]``. An entry is a model name, or a
+    variant ``Model[key=value;key=value]`` (an ablation: ``IISANVS[item_id_embedding=True]``),
+    whose label is the entry itself; values are parsed as on the command line."""
+    from recbole_iisan.config import parse_overrides
+
+    entries, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            entries.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    entries.append(cur.strip())
+    out = []
+    for e in (e for e in entries if e):
+        if "[" not in e:
+            out.append((e, e, {}))
+            continue
+        model, _, rest = e.partition("[")
+        if not rest.endswith("]") or not model.strip():
+            raise PluginConfigError(f"--compare entry {e!r}: expected Model or Model[key=value;key=value]")
+        pairs = [p.strip() for p in rest[:-1].split(";") if p.strip()]
+        extra = parse_overrides([f"--{p}" for p in pairs], where=f"--compare entry {e!r}")
+        out.append((e.replace(" ", ""), model.strip(), extra))
+    labels = [label for label, _, _ in out]
+    if len(set(labels)) != len(labels):
+        raise PluginConfigError(f"--compare={text}: an entry is given twice")
+    if not out:
+        raise PluginConfigError("--compare: no model given")
+    return out
+
+
 def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
     """``"2020,2021,2022"`` -> ``[2020, 2021, 2022]``; one line for anything else."""
     if text is None:
@@ -64,8 +98,8 @@ def seeds_of(config: Any, cli_seeds: Optional[list[int]]) -> list[int]:
     return [int(config["seed"])]
 
 
-def run_paths(folder: Path, model: str, seed: int) -> dict[str, Path]:
-    name = report.result_name(model, seed)
+def run_paths(folder: Path, label: str, seed: int) -> dict[str, Path]:
+    name = report.result_name(label, seed)
     return {"result": folder / f"{name}.json", "checkpoint": folder / CHECKPOINTS / f"{name}.pth",
             "last": folder / CHECKPOINTS / f"{name}-last.pth"}
 
@@ -94,7 +128,7 @@ def _check_folder(folder: Path, manifest: dict, resume: bool) -> None:
                                 f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); resume it with the same flags")
 
 
-def _child(model: str, dataset: str, seed: int, config_files, config_dict, overrides, paths: dict,
+def _child(label: str, model: str, dataset: str, seed: int, config_files, config_dict, overrides, paths: dict,
            threads: int, queue) -> None:
     import torch
 
@@ -106,13 +140,13 @@ def _child(model: str, dataset: str, seed: int, config_files, config_dict, overr
         resume = str(paths["last"]) if paths["last"].is_file() else None
         run(model, dataset, config_files, config_dict, dict(overrides, seed=seed), queue=queue,
             result_file=str(paths["result"]), checkpoint_file=str(paths["checkpoint"]),
-            last_checkpoint_file=str(paths["last"]), resume=resume)
+            last_checkpoint_file=str(paths["last"]), resume=resume, label=label)
     except Exception as exc:  # reported in the table; the other runs go on
-        queue.put({"model": model, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
+        queue.put({"model": label, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def _run_all(runs: list[tuple[str, int]], dataset: str, config_files, config_dict, overrides, folder: Path,
-             jobs: int) -> list[dict]:
+def _run_all(runs: list[tuple[str, str, dict, int]], dataset: str, config_files, config_dict, overrides,
+             folder: Path, jobs: int) -> list[dict]:
     """Every (model, seed) in its own spawned process, ``jobs`` at a time."""
     import torch.multiprocessing as mp
 
@@ -121,12 +155,13 @@ def _run_all(runs: list[tuple[str, int]], dataset: str, config_files, config_dic
     pending, active, errors = list(runs), [], []
     while pending or active:
         while pending and len(active) < jobs:
-            model, seed = pending.pop(0)
+            label, model, extra, seed = pending.pop(0)
             queue = ctx.SimpleQueue()
-            proc = ctx.Process(target=_child, args=(model, dataset, seed, config_files, config_dict, overrides,
-                                                    run_paths(folder, model, seed), threads, queue))
+            proc = ctx.Process(target=_child, args=(label, model, dataset, seed, config_files, config_dict,
+                                                    dict(overrides, **extra), run_paths(folder, label, seed),
+                                                    threads, queue))
             proc.start()
-            active.append((model, seed, proc, queue))
+            active.append((label, seed, proc, queue))
         time.sleep(0.2)
         for item in list(active):
             model, seed, proc, queue = item
@@ -141,29 +176,31 @@ def _run_all(runs: list[tuple[str, int]], dataset: str, config_files, config_dic
     return errors
 
 
-def compare(models: Sequence[str], dataset: str, config_files, config_dict: dict, overrides: dict,
+def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files, config_dict: dict, overrides: dict,
             seeds: Optional[list[int]] = None, results_dir: Optional[str] = None, compare_file: Optional[str] = None,
             resume: bool = False, jobs: int = 1, breakdown: bool = False) -> int:
-    """Run every model once per seed into ``results_dir`` and print the comparison table.
-    Returns 0 when every run finished, 1 otherwise (the table shows the finished ones)."""
+    """Run every entry (``(label, model, overrides)``, :func:`parse_entries`) once per seed into
+    ``results_dir`` and print the comparison table. Returns 0 when every run finished, 1 otherwise
+    (the table shows the finished ones)."""
     from recbole_iisan.config import build_config
     from recbole_iisan.quick_start import prepare_inputs
 
     if jobs < 1:
         raise PluginConfigError(f"--jobs={jobs}: expected an integer >= 1")
-    configs = [build_config(m, dataset, config_files, config_dict, overrides) for m in models]
+    overrides = {k: v for k, v in (overrides or {}).items() if k not in ("seed", "seeds")}
+    configs = [build_config(m, dataset, config_files, config_dict, dict(overrides, **extra)) for _, m, extra in entries]
+    models = [label for label, _, _ in entries]
     seeds = seeds_of(configs[0], seeds)
     protocol = "paper protocol" if configs[0]["paper_protocol"] else "RecBole protocol"
     folder = Path(results_dir or os.path.join("saved", f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    overrides = {k: v for k, v in (overrides or {}).items() if k not in ("seed", "seeds")}
     manifest = _manifest(dataset, models, seeds, protocol, config_files, config_dict, overrides)
     _check_folder(folder, manifest, resume)
     for config in configs:  # bad names, types and metrics fail here, before anything runs
         prepare_inputs(config)
     (folder / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / report.MANIFEST, manifest)
-    runs = [(m, s) for m in models for s in seeds]
-    todo = [(m, s) for m, s in runs if not run_paths(folder, m, s)["result"].is_file()]
+    runs = [(label, m, extra, s) for label, m, extra in entries for s in seeds]
+    todo = [r for r in runs if not run_paths(folder, r[0], r[3])["result"].is_file()]
     if len(todo) < len(runs):
         print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished in {folder}; running {len(todo)}")
     errors = _run_all(todo, dataset, config_files, config_dict, overrides, folder, jobs)
@@ -189,6 +226,7 @@ def compare(models: Sequence[str], dataset: str, config_files, config_dict: dict
         results = [json.loads(run_paths(folder, m, seeds[0])["result"].read_text()) for m in models
                    if run_paths(folder, m, seeds[0])["result"].is_file()]
         metric = f"{str(configs[0]['metrics'][0]).lower()}@{max(configs[0]['topk'])}"
-        png = bd.plot(results, metric, str(folder / "breakdown.png"))
+        png_path = os.path.splitext(compare_file)[0] + "-breakdown.png" if compare_file else str(folder / "breakdown.png")
+        png = bd.plot(results, metric, png_path)
         print(f"\n{bd.markdown(results, metric)}\n\nbreakdown plot: {png}")
     return 0 if not errors else 1

@@ -122,6 +122,7 @@ def run(
     queue: Any = None,
     checkpoint_file: Optional[str] = None,
     last_checkpoint_file: Optional[str] = None,
+    label: Optional[str] = None,
 ) -> dict:
     """Train ``model`` on ``dataset`` and evaluate it; returns (and writes) the result dict.
 
@@ -188,6 +189,7 @@ def run(
     epochs = trainer.train_epoch_seconds
     result = {
         "model": config["model"],
+        "label": label or config["model"],
         "dataset": config["dataset"],
         "config_digest": config_digest(config),
         "paper_protocol": bool(config["paper_protocol"]),

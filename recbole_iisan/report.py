@@ -165,9 +165,18 @@ MANIFEST = "comparison.json"
 CAP_MARK = "†"
 
 
-def result_name(model: str, seed: int) -> str:
-    """``<Model>-seed<seed>``: the file stem of one run of a comparison folder."""
-    return f"{model}-seed{seed}"
+def result_name(label: str, seed: int) -> str:
+    """``<Model>-seed<seed>`` (a variant ``IISANVS[item_id_embedding=True]``:
+    ``IISANVS-item_id_embedding=True-seed<seed>``): the file stem of one run of a comparison folder."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", label).strip("-")
+    return f"{stem}-seed{seed}"
+
+
+def run_label(result: dict) -> str:
+    """What a run is called in a comparison: its ``label`` (a variant), else its model."""
+    return str(result.get("label") or result["model"])
 
 
 def load_results(folder: PathLike) -> tuple[list[dict], dict]:
@@ -204,7 +213,7 @@ def load_results(folder: PathLike) -> tuple[list[dict], dict]:
 def _model_order(results: Sequence[dict], manifest: dict, baseline: Optional[str]) -> list[str]:
     from recbole_iisan.errors import PluginConfigError
 
-    present = list(dict.fromkeys(r["model"] for r in results))
+    present = list(dict.fromkeys(run_label(r) for r in results))
     order = [m for m in manifest.get("models", []) if m in present] + [m for m in present if m not in manifest.get("models", [])]
     if baseline is not None:
         if baseline not in present:
@@ -269,7 +278,7 @@ def summarize(folder: PathLike, baseline: Optional[str] = None, settings: Option
     results, manifest = load_results(folder)
     settings = comparison_settings(settings)
     order = _model_order(results, manifest, baseline)
-    by_model = {m: sorted([r for r in results if r["model"] == m], key=lambda r: r.get("seed", 0)) for m in order}
+    by_model = {m: sorted([r for r in results if run_label(r) == m], key=lambda r: r.get("seed", 0)) for m in order}
     selection = {str(r.get("valid_metric")) for r in results}
     if len(selection) != 1:
         raise PluginConfigError(f"results folder {folder}: runs selected on different metrics {sorted(selection)}")
@@ -301,6 +310,10 @@ def summarize(folder: PathLike, baseline: Optional[str] = None, settings: Option
     return {"rows": rows, "metric": metric, "baseline": order[0], "keys": keys, "settings": settings,
             "n_users": stats[0].n_users if stats else None, "equal_targets": len({tuple(v) for v in targets.values()}) == 1,
             "targets": targets, "manifest": manifest}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _fmt_p(p: float) -> str:
@@ -342,7 +355,7 @@ def render(summary: dict) -> str:
             f"{metric_title} (each user's value averaged over seeds) against {base}, with a {conf}% paired bootstrap "
             f"interval (BCa, {int(summary['settings']['bootstrap_resamples']):,} resamples, seed "
             f"{summary['settings']['bootstrap_seed']}); p: two-sided {test_name} over the same users, Holm-corrected "
-            f"over the {max(len(summary['rows']) - 1, 0)} models compared with {base}; better / worse: the interval excludes 0 "
+            f"over the {_plural(len(summary['rows']) - 1, 'model')} compared with {base}; better / worse: the interval excludes 0 "
             f"and p < {1 - float(summary['settings']['confidence_level']):.2g}, else no significant difference. best epoch: per seed; "
             f"{CAP_MARK}n: n runs still improving at their epoch cap (best epoch within stopping_step of it).")
     if summary["n_users"] is None:

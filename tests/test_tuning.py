@@ -196,7 +196,7 @@ def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
     assert rc == 0, out
 
     table = [l for l in out.splitlines() if l.startswith("| ")]
-    assert table[0].startswith("| trial | learning_rate | hidden_dropout_prob | best valid ndcg@10 |")
+    assert " ".join(table[0].split()).startswith("| trial | learning_rate | hidden_dropout_prob | best valid ndcg@10 |")
     assert len(table) == 1 + 2  # header + 2 trials
     assert all(("completed" in l) or ("stopped early by ASHA" in l) for l in table[1:]), out
     assert "best trial" in out and "test:  hit@10" in out
