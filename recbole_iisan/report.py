@@ -285,7 +285,14 @@ def summarize(folder: PathLike, baseline: Optional[str] = None, settings: Option
     metric = selection.pop().lower()
     first = results[0]
     keys = metric_keys(first.get("metrics", ["Hit", "NDCG"]), first.get("topk", [10]))
-    stats = compare_to_baseline({m: _seed_averaged_per_user(rs, metric).to_numpy() for m, rs in by_model.items()},
+    per_user = {m: _seed_averaged_per_user(rs, metric) for m, rs in by_model.items()}
+    users = per_user[order[0]].index
+    for m, values in per_user.items():  # paired: every model tested on the same users
+        if not values.index.sort_values().equals(users.sort_values()):
+            raise PluginConfigError(f"{by_model[m][0]['per_user_file']}: holds other test users than "
+                                    f"{by_model[order[0]][0]['per_user_file']} (the models of a comparison must "
+                                    f"share the split)")
+    stats = compare_to_baseline({m: values.reindex(users).to_numpy() for m, values in per_user.items()},
                                 order[0], metric, test=settings["significance_test"],
                                 confidence=float(settings["confidence_level"]),
                                 n_resamples=int(settings["bootstrap_resamples"]), seed=int(settings["bootstrap_seed"]))
