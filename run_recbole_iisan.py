@@ -7,7 +7,7 @@ See ``python run_recbole_iisan.py --help`` and README.md.
 """
 import sys
 
-from recbole_iisan.cli import main
+from recbole_iisan.quick_start.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ setup(
     # package data recbole_iisan/properties/, so pip install . and a wheel run from anywhere
     package_dir={"recbole_iisan.properties": "properties"},
     package_data={"recbole_iisan.properties": ["*.yaml", "*/*.yaml"]},
-    entry_points={"console_scripts": ["recbole-iisan = recbole_iisan.cli:main"]},
+    entry_points={"console_scripts": ["recbole-iisan = recbole_iisan.quick_start.cli:main"]},
     python_requires=">=3.9",
     install_requires=[
         "recbole==1.2.1",

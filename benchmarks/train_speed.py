@@ -44,11 +44,11 @@ def _speed_child(model, dataset, config_dict, bf16_eval, queue) -> None:
     bfloat16 autocast."""
     import torch
 
-    from recbole_iisan.quick_start import run
+    from recbole_iisan.quick_start.pipeline import run
 
     import time
 
-    from recbole_iisan.trainer import PluginTrainer
+    from recbole_iisan.trainer.trainer import PluginTrainer
 
     cpu = {"train": [], "eval": []}
 
@@ -65,7 +65,7 @@ def _speed_child(model, dataset, config_dict, bf16_eval, queue) -> None:
     try:
         if bf16_eval:
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # what enable_amp uses on CPU
-            from recbole_iisan.trainer import PluginTrainer
+            from recbole_iisan.trainer.trainer import PluginTrainer
 
             original = PluginTrainer._full_sort_batch_eval
 
@@ -108,9 +108,9 @@ def main() -> None:
         p.error(f"--levers: expected 'base' and any of {list(LEVERS)}, got {levers}")
 
     import recbole_iisan  # noqa: F401
-    from recbole_iisan.config import build_config, parse_overrides
-    from recbole_iisan.quick_start import prepare_inputs
-    from recbole_iisan.report import markdown_table
+    from recbole_iisan.config.configurator import build_config, parse_overrides
+    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.quick_start.results import markdown_table
 
     models = [m for m in args.models.split(",") if m]
     config_dict = {"epochs": args.epochs, "stopping_step": 10**6, "show_progress": False}

@@ -1,5 +1,5 @@
 """recbole-iisan: IISAN and IISAN-Versa multimodal sequential recommenders for RecBole."""
-from recbole_iisan import compat as _compat
+from recbole_iisan.utils import compat as _compat
 
 _compat.apply()
 

@@ -13,13 +13,13 @@ import recbole_iisan  # noqa: F401  (compat shims)
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
-from recbole_iisan.config import build_config, get_model_class
+from recbole_iisan.config.configurator import build_config, get_model_class
 from recbole_iisan.data.dataset import MultimodalSequentialDataset
 from recbole_iisan.data.raw_inputs import RawInputSequentialDataset
-from recbole_iisan.report import tpme
+from recbole_iisan.quick_start.results import tpme
 from recbole_iisan.model.baselines import BitFit, FFT, LoRA, Adapter
 from recbole_iisan.model.iisan import IISANUncached
-from recbole_iisan.quick_start import create_dataset, prepare_inputs
+from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
 
 from conftest import WORDS, write_tiny_dataset
 

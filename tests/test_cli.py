@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from recbole_iisan import cli
-from recbole_iisan.errors import EXIT_USER_ERROR
-from recbole_iisan.config import PluginConfigError, build_config, check_types, typed_keys
+from recbole_iisan.quick_start import cli
+from recbole_iisan.utils.errors import EXIT_USER_ERROR
+from recbole_iisan.config.configurator import PluginConfigError, build_config, check_types, typed_keys
 
 FAST = ["--epochs=1", "--train_batch_size=256", "--eval_batch_size=256", "--hidden_size=16",
         "--inner_size=32", "--n_layers=1", "--n_heads=1", "--embedding_size=16"]

@@ -13,9 +13,9 @@ import torch
 def _split(data: Path, model: str, frac: float):
     from recbole.data import data_preparation
 
-    from recbole_iisan.cold_start import apply
-    from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset
+    from recbole_iisan.evaluator.cold_start import apply
+    from recbole_iisan.config.configurator import build_config, get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset
 
     cfg = build_config(model, "tiny", config_dict={"data_path": str(data), "cold_start_items": frac,
                                                    "hidden_size": 16, "n_layers": 1, "n_heads": 1})
@@ -52,7 +52,7 @@ def test_held_out_items_leave_training_entirely(tiny_data: Path) -> None:
 
 
 def test_cold_start_run_scores_only_unseen_targets(tiny_data: Path, tmp_path: Path) -> None:
-    from recbole_iisan.quick_start import run
+    from recbole_iisan.quick_start.pipeline import run
 
     out = tmp_path / "r.json"
     run("SASRec", "tiny", config_dict={"data_path": str(tiny_data), "checkpoint_dir": str(tmp_path / "ck"),
@@ -63,7 +63,7 @@ def test_cold_start_run_scores_only_unseen_targets(tiny_data: Path, tmp_path: Pa
 
 
 def test_bad_fraction_is_one_line(tiny_data: Path) -> None:
-    from recbole_iisan.errors import PluginConfigError
+    from recbole_iisan.utils.errors import PluginConfigError
 
     with pytest.raises(PluginConfigError, match="cold_start_items"):
         _split(tiny_data, "SASRec", 1.5)
@@ -73,7 +73,7 @@ def test_compare_breakdown_on_the_cold_start_split(tiny_data: Path, tmp_path: Pa
     """--compare --breakdown: one table per breakdown and a PNG; both models on the same cold split."""
     import csv
 
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     path = tmp_path / "cmp.csv"
     code = cli.main(["--dataset=tiny", "--compare=SASRec,GRU4Rec", "--breakdown", f"--compare_file={path}",

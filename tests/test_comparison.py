@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_iisan import cli
-from recbole_iisan.errors import EXIT_USER_ERROR
+from recbole_iisan.quick_start import cli
+from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
 SMALL = ["--embedding_size=16", "--hidden_size=16", "--sanb_size=8", "--inner_size=32", "--n_layers=1",
          "--n_heads=1", "--encoder_batch_size=64", "--eval_batch_size=512"]
@@ -75,7 +75,7 @@ def test_ml100k_paper_protocol_compare_with_two_seeds_writes_equal_targets_mean_
     assert all(u == user_sets[0] for u in user_sets) and len(user_sets[0]) == 943
     # the report command renders the same table from the files
     capsys.readouterr()
-    from recbole_iisan import report
+    from recbole_iisan.quick_start import results as report
 
     assert report.main([str(out_dir)]) == 0
     assert capsys.readouterr().out.strip() == (out_dir / "compare.md").read_text().strip()
@@ -85,9 +85,9 @@ def test_per_user_metrics_equal_an_independent_rank_computation(tiny_data: Path,
     from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    from recbole_iisan.config import build_config
-    from recbole_iisan.quick_start import create_dataset
-    from recbole_iisan.trainer import PluginTrainer
+    from recbole_iisan.config.configurator import build_config
+    from recbole_iisan.quick_start.pipeline import create_dataset
+    from recbole_iisan.trainer.trainer import PluginTrainer
 
     cfg = build_config("SASRec", "tiny", config_dict={"data_path": str(tiny_data), "hidden_size": 16,
                                                        "inner_size": 32, "checkpoint_dir": str(tmp_path)})
@@ -117,8 +117,8 @@ def test_per_user_metrics_equal_an_independent_rank_computation(tiny_data: Path,
 def test_the_authors_rule_keeps_the_first_of_tied_epochs_and_counts_a_tie_as_no_improvement() -> None:
     import recbole.trainer.trainer as rb_trainer
 
-    from recbole_iisan.checkpoint import best_index
-    from recbole_iisan.compat import strict_improvement
+    from recbole_iisan.trainer.checkpoint import best_index
+    from recbole_iisan.utils.compat import strict_improvement
 
     scores = [0.10, 0.20, 0.20, 0.15, 0.20]
 
@@ -138,7 +138,7 @@ def test_the_authors_rule_keeps_the_first_of_tied_epochs_and_counts_a_tie_as_no_
 
 
 def _run_tiny(tiny_data: Path, tmp: Path, name: str, epochs: int, resume=None, **extra) -> dict:
-    from recbole_iisan.quick_start import run
+    from recbole_iisan.quick_start.pipeline import run
 
     d = {"data_path": str(tiny_data), "cache_dir": str(tmp / "cache"), "towers": ["text", "text2"],
          "text_encoder": extra.pop("bert"), "text2_encoder": extra.pop("bert2"), "text_fields": ["title"],
@@ -181,7 +181,7 @@ def test_the_authors_rule_selects_on_the_unrounded_score(tiny_data: Path, tmp_pa
 
 
 def test_results_folder_errors_are_one_line(tmp_path: Path, capsys) -> None:
-    from recbole_iisan import report
+    from recbole_iisan.quick_start import results as report
 
     assert report.main([str(tmp_path / "nowhere")]) == EXIT_USER_ERROR
     (tmp_path / "d").mkdir()
@@ -193,7 +193,7 @@ def test_results_folder_errors_are_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_two_runs_with_other_users_are_not_paired(tmp_path: Path, capsys) -> None:
-    from recbole_iisan import report
+    from recbole_iisan.quick_start import results as report
     from recbole_iisan.evaluator import per_user
 
     for model, users in (("A", ["u1", "u2", "u3"]), ("B", ["u1", "u2", "u4"])):

@@ -1,4 +1,4 @@
-"""RecBole's DDP mode on CPU (``--nproc=2``, gloo through ``recbole_iisan.compat``).
+"""RecBole's DDP mode on CPU (``--nproc=2``, gloo through ``recbole_iisan.utils.compat``).
 
 What a user relies on: ``run_recbole_iisan.py --nproc=2`` trains a plugin model (a tiny IISANVS on
 two tiny BERT towers) and a RecBole model (SASRec) to completion on a machine without CUDA, the
@@ -60,7 +60,7 @@ def _args(root: Path, enc: dict, model: str) -> list[str]:
 
 
 def _cli(argv: list[str], monkeypatch) -> int:
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     monkeypatch.setattr(sys, "argv", ["run_recbole_iisan.py"] + argv)
     return cli.main(argv)
@@ -70,10 +70,10 @@ def _evaluate_checkpoint(model: str, args: list[str], checkpoint: str) -> dict:
     """Test metrics of a saved checkpoint, evaluated by this (single) process."""
     from recbole.data import data_preparation
 
-    from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset, prepare_inputs
-    from recbole_iisan.trainer import PluginTrainer
-    from recbole_iisan.config import parse_overrides
+    from recbole_iisan.config.configurator import build_config, get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.trainer.trainer import PluginTrainer
+    from recbole_iisan.config.configurator import parse_overrides
 
     cd = parse_overrides([a for a in args if not a.startswith(("--model=", "--dataset="))])
     config = build_config(model, "walk", config_dict=cd)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from recbole_iisan.data import download as dl
-from recbole_iisan.errors import DownloadError
+from recbole_iisan.data import sources as dl
+from recbole_iisan.utils.errors import DownloadError
 
 from conftest import WORDS
 
@@ -334,7 +334,7 @@ def test_download_cli_one_line_error_offline(monkeypatch, tmp_path, capsys):
 
 
 def test_run_downloads_a_known_dataset_with_the_run_protocol(toy_registry, tmp_path, monkeypatch):
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     base, root, httpd, hashes = toy_registry
     monkeypatch.chdir(tmp_path)
@@ -431,7 +431,7 @@ def test_images_offline_is_one_line(toy_registry, tmp_path, monkeypatch):
 
 
 def test_run_offline_ends_in_one_line(monkeypatch, tmp_path, capsys):
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     monkeypatch.setattr(dl, "RETRIES", 0)
     monkeypatch.setenv(dl.ENV_URL, closed_port_url())

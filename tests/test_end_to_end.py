@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_iisan import cli
-from recbole_iisan.errors import EXIT_USER_ERROR
+from recbole_iisan.quick_start import cli
+from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
 FAST = ["--epochs=2", "--train_batch_size=64", "--eval_batch_size=128", "--embedding_size=16",
         "--sanb_size=8", "--inner_size=32", "--encoder_batch_size=16", "--stopping_step=1"]
@@ -47,7 +47,7 @@ def test_iisanva_llama_and_bert_towers_end_to_end(tiny_data: Path, tmp_path: Pat
 
 
 def test_dataset_rows_are_the_cached_states_in_recbole_id_order(tiny_data: Path, tmp_path: Path, encoders: dict) -> None:
-    from recbole_iisan.config import build_config
+    from recbole_iisan.config.configurator import build_config
     from recbole_iisan.data import cache as cache_mod
     from recbole_iisan.data.dataset import MultimodalSequentialDataset
 
@@ -55,7 +55,7 @@ def test_dataset_rows_are_the_cached_states_in_recbole_id_order(tiny_data: Path,
         "data_path": str(tiny_data), "cache_dir": str(tmp_path / "cache"), "towers": ["text", "text2"],
         "text_encoder": encoders["bert"], "text2_encoder": encoders["bert2"], "text_fields": ["title"],
         "text2_fields": ["title"], "cache_dtype": "float32"})
-    from recbole_iisan.quick_start import prepare_inputs
+    from recbole_iisan.quick_start.pipeline import prepare_inputs
 
     prepare_inputs(cfg)  # the pipeline step: caches first, then the dataset only loads
     ds = MultimodalSequentialDataset(cfg)
@@ -84,9 +84,9 @@ def test_metrics_equal_a_hand_computation_from_full_sort_predict(tiny_data: Path
     """RecBole's evaluator on our model == ranks computed by hand from full_sort_predict."""
     from recbole.data import data_preparation
 
-    from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset, prepare_inputs
-    from recbole_iisan.trainer import PluginTrainer
+    from recbole_iisan.config.configurator import build_config, get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.trainer.trainer import PluginTrainer
 
     cfg = build_config("IISANVS", "tiny", config_dict={
         "data_path": str(tiny_data), "cache_dir": str(tmp_path / "cache"), "towers": ["text", "text2"],

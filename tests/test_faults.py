@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_iisan import cli
-from recbole_iisan.errors import EXIT_USER_ERROR
+from recbole_iisan.quick_start import cli
+from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
 SASREC = ["--model=SASRec", "--dataset=tiny", "--train_batch_size=256", "--eval_batch_size=256",
           "--inner_size=32", "--n_layers=1", "--n_heads=1"]
@@ -319,7 +319,7 @@ def test_unknown_key_warns_with_the_closest_documented_key(tiny_data, tmp_path, 
 
 
 def test_per_tower_and_recbole_keys_are_documented():
-    from recbole_iisan.checks import unknown_keys
+    from recbole_iisan.config.checks import unknown_keys
 
     cfg = {"towers": ["text", "text2"], "text2_encoder": "x", "text2_fields": ["title"], "text2_max_length": 8,
            "train_neg_sample_args": None, "eval_step": 1, "text3_encoder": "y", "MAX_ITEM_LIST_LENGTH": 5,
@@ -361,8 +361,8 @@ def test_an_empty_config_file_is_fine(tiny_data, tmp_path, capsys):
 
 
 def test_a_search_space_that_can_sample_a_bad_value_is_refused_before_ray(tiny_data, tmp_path, monkeypatch):
-    from recbole_iisan import tuning
-    from recbole_iisan.errors import PluginConfigError
+    from recbole_iisan.trainer import tuning
+    from recbole_iisan.utils.errors import PluginConfigError
 
     def no_ray(*a, **k):
         raise AssertionError("Ray must not start for a bad search space")

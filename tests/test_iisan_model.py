@@ -16,8 +16,8 @@ from recbole_iisan.data.dataset import ProtocolSequentialDataset
 from recbole.utils import init_seed
 
 from recbole_iisan.model.iisan import IISANBase, IISANVA, IISANVS
-from recbole_iisan.config import build_config
-from recbole_iisan.trainer import PluginTrainer
+from recbole_iisan.config.configurator import build_config
+from recbole_iisan.trainer.trainer import PluginTrainer
 
 PROPS = Path(__file__).resolve().parents[1] / "properties"
 N_USERS, N_ITEMS_RAW = 40, 30

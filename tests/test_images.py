@@ -15,7 +15,7 @@ from PIL import Image
 
 from recbole_iisan.data.images import (ImageImportReport, ImageStore, ImageStoreError,
                                        default_image_store_path, import_images)
-from recbole_iisan.data.prepare import prepare_dataset
+from recbole_iisan.data.atomic_files import prepare_dataset
 
 from conftest import SHARED  # noqa: E402  (../shared beside the repository; tests skip when absent)
 POSTERS = SHARED / "datasets/ml-100k-posters"

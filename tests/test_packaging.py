@@ -66,7 +66,7 @@ def test_wheel_holds_every_properties_yaml_and_the_console_script(wheel):
     assert not missing, f"not in the wheel: {missing}"
     dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
-    assert "recbole-iisan = recbole_iisan.cli:main" in entry_points
+    assert "recbole-iisan = recbole_iisan.quick_start.cli:main" in entry_points
     metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
     assert "Requires-Dist: pooch" in metadata and "Requires-Dist: gdown" in metadata
 
@@ -109,7 +109,7 @@ def test_an_installed_package_without_its_properties_fails_in_one_line(installed
     shutil.copytree(installed / "recbole_iisan", broken / "recbole_iisan",
                     ignore=shutil.ignore_patterns("properties", "__pycache__"))
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from recbole_iisan.cli import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from recbole_iisan.quick_start.cli import main; sys.exit(main())",
          "--model=SASRec", "--dataset=ml-100k", "--epochs=1"],
         cwd=tmp_path, env=_env(broken), text=True, capture_output=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Raw IISAN-format TSVs -> RecBole atomic files (recbole_iisan.data.prepare, CLI)."""
+"""Raw IISAN-format TSVs -> RecBole atomic files (recbole_iisan.data.atomic_files, CLI)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recbole_iisan.data.prepare import PrepareError, clean_title, prepare_dataset
+from recbole_iisan.data.atomic_files import PrepareError, clean_title, prepare_dataset
 from recbole_iisan.prepare import main as cli_main
 
 from conftest import SHARED  # noqa: E402  (../shared beside the repository; tests skip when absent)
@@ -185,7 +185,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     rc = cli_main(["--dataset", "Toy", "--raw_dir", str(raw), "--data_path", str(tmp_path / "d")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.strip().count("\n") == 0 and err.startswith(f"{raw / 'am_Toy_users.tsv'}:2:")
+    assert err.strip().count("\n") == 0 and err.startswith(f"error: {raw / 'am_Toy_users.tsv'}:2:")
     assert cli_main(["--dataset", "Toy", "--raw_dir", str(raw), "--data_path",
                      str(tmp_path / "d"), "--unknown_items", "drop", "--quiet"]) == 0
 
@@ -196,7 +196,7 @@ def test_cli_module_exit_code(tmp_path):
                            "--raw_dir", str(raw), "--data_path", str(tmp_path / "d")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"{raw / 'Toy_items.tsv'}:1: expected 2 TAB-separated columns "
+    assert proc.stderr.strip() == (f"error: {raw / 'Toy_items.tsv'}:1: expected 2 TAB-separated columns "
                                    f"(item id, title), found 3")
     assert "Traceback" not in proc.stderr
 

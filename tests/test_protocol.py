@@ -66,7 +66,7 @@ def env(tmp_path_factory):
 
 
 def _config(env, model: str, **extra):
-    from recbole_iisan.config import build_config
+    from recbole_iisan.config.configurator import build_config
 
     d = {"data_path": str(env["data"]), "checkpoint_dir": str(env["root"] / "ck"), "show_progress": False,
          "train_batch_size": 64, "eval_batch_size": 64, "embedding_size": 16, "inner_size": 32, "seed": 7}
@@ -86,9 +86,9 @@ def _setup(env, model: str, **extra):
     from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    from recbole_iisan.config import get_model_class
-    from recbole_iisan.quick_start import create_dataset, prepare_inputs
-    from recbole_iisan.trainer import PluginTrainer
+    from recbole_iisan.config.configurator import get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.trainer.trainer import PluginTrainer
 
     cfg = _config(env, model, **extra)
     init_seed(cfg["seed"], True)
@@ -153,7 +153,7 @@ def _triples(net, loader, ds) -> list[tuple[str, int, str]]:
 
 
 def test_every_model_trains_on_the_same_user_position_target_triples_under_the_paper_protocol(env) -> None:
-    from recbole_iisan.quick_start import count_train_targets
+    from recbole_iisan.quick_start.pipeline import count_train_targets
 
     # by hand: each user's train sequence s[0:L-2] of the 13-truncated sequence; every position
     # j >= 1 of it is a target predicted from s[0:j]
@@ -324,7 +324,7 @@ def test_protocol_defaults_and_explicit_choices(env) -> None:
 
 def build_config_plain(env, model: str, **extra):
     """A config with only the data path (and the towers of IISAN) set: the yaml's defaults."""
-    from recbole_iisan.config import build_config
+    from recbole_iisan.config.configurator import build_config
 
     d = {"data_path": str(env["data"])}
     if model.startswith("IISAN"):
@@ -337,7 +337,7 @@ def build_config_plain(env, model: str, **extra):
 def test_result_json_records_the_protocol(env, tmp_path: Path) -> None:
     import json
 
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     out = tmp_path / "r.json"
     code = cli.main(["--model=SASRec", "--dataset=hand", f"--data_path={env['data']}", f"--result_file={out}",
@@ -454,8 +454,8 @@ def test_loss_from_cached_states_through_the_encoder_equals_the_reference(env) -
 def test_fp16_cache_refuses_states_beyond_65504(env, tmp_path: Path) -> None:
     from transformers import BertModel
 
-    from recbole_iisan.errors import CacheError
-    from recbole_iisan.quick_start import prepare_inputs
+    from recbole_iisan.utils.errors import CacheError
+    from recbole_iisan.quick_start.pipeline import prepare_inputs
 
     big = tmp_path / "bigbert"
     m = BertModel.from_pretrained(env["bert"])

@@ -45,7 +45,7 @@ def two_node_cluster():
 def test_search_on_a_two_node_cluster(tmp_path, two_node_cluster, monkeypatch, capsys):
     import ray
 
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     _tiny_dataset(tmp_path / "data")
     hyper = _write(tmp_path, "learning_rate loguniform -7,-4\nhidden_dropout_prob choice [0.1,0.3]\n")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import WORDS, write_tiny_dataset
-from recbole_iisan import cli
-from recbole_iisan.errors import EXIT_USER_ERROR
+from recbole_iisan.quick_start import cli
+from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     """A tiny IISANVS trained 2 epochs (state_norm: dim, so new items use the trained statistics)."""
     from test_encoders import make_tiny_bert
 
-    from recbole_iisan.quick_start import run
+    from recbole_iisan.quick_start.pipeline import run
 
     root = tmp_path_factory.mktemp("rec")
     write_tiny_dataset(root / "data")
@@ -47,7 +47,7 @@ def _histories(data: Path) -> dict[str, list[str]]:
 def test_recommend_is_the_top_of_full_sort_predict(trained) -> None:
     from recbole.data.interaction import Interaction
 
-    from recbole_iisan.recommend import load_run, recommend
+    from recbole_iisan.serving.recommend import load_run, recommend
 
     run = load_run(trained["ckpt"])
     hist = _histories(trained["root"] / "data")
@@ -98,8 +98,8 @@ def test_recommend_cli(trained, capsys) -> None:
 
 
 def test_export_reproduces_recommend(trained) -> None:
-    from recbole_iisan.export import load_export, topk_from_export
-    from recbole_iisan.recommend import load_run, recommend
+    from recbole_iisan.serving.export import load_export, topk_from_export
+    from recbole_iisan.serving.recommend import load_run, recommend
 
     run = load_run(trained["ckpt"])
     out = trained["root"] / "export"
@@ -127,8 +127,8 @@ def _new_items_tsv(path: Path) -> list[tuple[str, str]]:
 
 def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
     from recbole_iisan.data import cache as cache_mod
-    from recbole_iisan.new_items import encode_new_items, standardize_like
-    from recbole_iisan.recommend import load_run, recommend
+    from recbole_iisan.serving.new_items import encode_new_items, standardize_like
+    from recbole_iisan.serving.recommend import load_run, recommend
 
     run = load_run(trained["ckpt"])
     items = _new_items_tsv(tmp_path / "new.tsv")
@@ -195,8 +195,8 @@ def test_breakdown_in_the_result_file_adds_up_to_recbole_metrics(trained) -> Non
 
 
 def test_training_frequency_counts_training_interactions(trained) -> None:
-    from recbole_iisan.breakdown import training_frequency
-    from recbole_iisan.recommend import load_run
+    from recbole_iisan.evaluator.breakdown import training_frequency
+    from recbole_iisan.serving.recommend import load_run
 
     run = load_run(trained["ckpt"])
     freq = training_frequency(run.train_data._dataset, run.n_items)
@@ -211,9 +211,9 @@ def test_training_frequency_counts_training_interactions(trained) -> None:
 
 def test_sasrec_recommend_and_export(tmp_path: Path) -> None:
     """RecBole's own SASRec goes through the same recommend / export path (its id embedding table)."""
-    from recbole_iisan.export import topk_from_export
-    from recbole_iisan.quick_start import run
-    from recbole_iisan.recommend import load_run, recommend
+    from recbole_iisan.serving.export import topk_from_export
+    from recbole_iisan.quick_start.pipeline import run
+    from recbole_iisan.serving.recommend import load_run, recommend
 
     write_tiny_dataset(tmp_path / "data")
     res = run("SASRec", "tiny", config_dict={"data_path": str(tmp_path / "data"), "epochs": 1,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_iisan.data import state_store
-from recbole_iisan.errors import CacheError
-from recbole_iisan.ranking import streaming_topk, topk_hits
+from recbole_iisan.data.cache import storage as state_store
+from recbole_iisan.utils.errors import CacheError
+from recbole_iisan.evaluator.ranking import streaming_topk, topk_hits
 
 
 # ------------------------------------------------------------------------------ streaming top-k
@@ -46,10 +46,10 @@ def test_streaming_evaluation_equals_recbole_full_sort(tmp_path, monkeypatch):
     from recbole.data import data_preparation
 
     from conftest import write_tiny_dataset
-    from recbole_iisan.config import build_config, get_model_class
-    from recbole_iisan.quick_start import create_dataset
-    from recbole_iisan.trainer import PluginTrainer
-    from recbole_iisan.ranking import evaluate_full_sort_streaming
+    from recbole_iisan.config.configurator import build_config, get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset
+    from recbole_iisan.trainer.trainer import PluginTrainer
+    from recbole_iisan.evaluator.ranking import evaluate_full_sort_streaming
 
     write_tiny_dataset(tmp_path, "tiny", n_users=120, n_items=300, seed=1)
     monkeypatch.setattr(sys, "argv", ["x"])

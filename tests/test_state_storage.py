@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 import recbole_iisan  # noqa: F401  (compat shims)
-from recbole_iisan.config import build_config
-from recbole_iisan.data import state_store
+from recbole_iisan.config.configurator import build_config
+from recbole_iisan.data.cache import storage as state_store
 from recbole_iisan.data.dataset import MultimodalSequentialDataset
-from recbole_iisan.quick_start import prepare_inputs
+from recbole_iisan.quick_start.pipeline import prepare_inputs
 
 from conftest import write_tiny_dataset
 from test_encoders import make_tiny_bert

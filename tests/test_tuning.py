@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recbole_iisan.config import PluginConfigError, parse_overrides
-from recbole_iisan.config import parse_value as convert_value
-from recbole_iisan.tuning import (
+from recbole_iisan.config.configurator import PluginConfigError, parse_overrides
+from recbole_iisan.config.configurator import parse_value as convert_value
+from recbole_iisan.trainer.tuning import (
     parse_hyper_file,
     parse_hyper_line,
     search_space,
@@ -181,7 +181,7 @@ def local_ray():
 
 
 def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     _tiny_dataset(tmp_path / "data")
     hyper = _write(tmp_path, "learning_rate loguniform -7,-4\nhidden_dropout_prob choice [0.1,0.3]\n")
@@ -215,7 +215,7 @@ def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
     assert cfg["epochs"] == 2 and cfg["hidden_size"] == 16  # the fixed overrides come along
 
     # --config_files accepts it: a RecBole Config built from it has the tuned values, type-checked
-    from recbole_iisan.config import build_config
+    from recbole_iisan.config.configurator import build_config
 
     monkeypatch.setattr(sys, "argv", ["x"])
     conf = build_config("SASRec", "tiny", [str(best)])
@@ -228,7 +228,7 @@ def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
 
 
 def test_malformed_hyper_file_exit_code_2(tmp_path, monkeypatch, capsys):
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     bad = _write(tmp_path, "learning_rate loguniform -8,0\nembedding_size choice 32 64\n")
     argv = ["--model=SASRec", "--dataset=ml-100k", f"--tune={bad}"]

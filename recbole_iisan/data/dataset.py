@@ -23,7 +23,7 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils.enum_type import FeatureSource, FeatureType
-from recbole_iisan.utils import config_get as _config_get
+from recbole_iisan.utils.files import config_get as _config_get
 
 logger = logging.getLogger()
 
@@ -153,7 +153,7 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
         self.item_state_layers: dict[str, list[int]] = {}
         self.encoder_depths: dict[str, int] = {}
         self.missing_items: dict[str, int] = {}
-        from recbole_iisan.data import state_store
+        from recbole_iisan.data.cache import storage as state_store
 
         # memory (one padded tensor filled straight from LMDB) or a memory-mapped file (catalogues
         # larger than RAM); auto picks by the states' size against the available memory

@@ -31,8 +31,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import lmdb
 from PIL import Image
 
-from recbole_iisan.errors import ImageStoreError
-from recbole_iisan.utils import bundled_dataset_dir
+from recbole_iisan.utils.errors import ImageStoreError
+from recbole_iisan.utils.files import bundled_dataset_dir
 
 logger = logging.getLogger("recbole_iisan.images")
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from recbole_iisan.data.dataset import ProtocolSequentialDataset, _config_get
-from recbole_iisan.utils import atomic_write_bytes
+from recbole_iisan.utils.files import atomic_write_bytes
 from recbole_iisan.towers.encoders import load_image_processor, load_tokenizer, pad_id_of, pad_ids, tokenize
 
 logger = logging.getLogger()

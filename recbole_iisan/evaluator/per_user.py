@@ -4,7 +4,7 @@ A run writes ``<result>.users.csv`` next to ``<result>.json``: one row per test 
 order of RecBole's test data (internal user id order), with the user's raw id and the user's value
 of every top-k metric the run computed (``hit@10``, ``ndcg@10``, ...). The values are the ones
 RecBole's own metric classes compute per user before averaging
-(:class:`recbole_iisan.trainer.RecordingEvaluator`), so their mean is the run's test metric before
+(:class:`recbole_iisan.trainer.trainer.RecordingEvaluator`), so their mean is the run's test metric before
 RecBole rounds it. Runs of several models (and seeds) on one split hold the same users, which is
 what a paired test over users needs (:mod:`recbole_iisan.evaluator.significance`).
 """
@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from recbole_iisan.errors import PluginConfigError
-from recbole_iisan.utils import PathLike, atomic_write_text
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import PathLike, atomic_write_text
 
 USER_COLUMN = "user_id"
 SUFFIX = ".users.csv"

@@ -25,7 +25,7 @@ from recbole.model.layers import TransformerEncoder
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.model.loss import (LOSS_POSITIONS, LOSS_TYPES, build_slots, full_softmax_loss,
                                       inbatch_softmax_loss, popularity_log_prob)
 

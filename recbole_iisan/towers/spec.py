@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from recbole_iisan.towers.image_transform import IMAGE_BACKENDS
-from recbole_iisan.utils import config_get as _get
+from recbole_iisan.utils.files import config_get as _get
 
 POOLINGS = ("auto", "cls", "mean", "last", "mean_unmasked")
 DEFAULT_TITLE_FIELDS = ("title", "movie_title")
 
 
-from recbole_iisan.errors import TowerConfigError  # noqa: F401
+from recbole_iisan.utils.errors import TowerConfigError  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ UNKNOWN_ITEM_POLICIES = ("error", "drop")
 _WS = re.compile(r"\s+")
 
 
-from recbole_iisan.errors import PrepareError  # noqa: E402,F401  (re-exported)
-from recbole_iisan.utils import atomic_write_text, bundled_dataset_dir  # noqa: E402
+from recbole_iisan.utils.errors import PrepareError  # noqa: E402,F401  (re-exported)
+from recbole_iisan.utils.files import atomic_write_text, bundled_dataset_dir  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

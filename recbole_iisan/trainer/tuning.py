@@ -38,10 +38,10 @@ from logging import getLogger
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from recbole_iisan.errors import PluginConfigError
-from recbole_iisan.report import markdown_table, write_csv
-from recbole_iisan.utils import atomic_write_text
-from recbole_iisan.utils import config_get as _cfg
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.quick_start.results import markdown_table, write_csv
+from recbole_iisan.utils.files import atomic_write_text
+from recbole_iisan.utils.files import config_get as _cfg
 
 HYPER_TYPES = ("choice", "uniform", "loguniform", "quniform")
 
@@ -237,7 +237,7 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
     from ray.air import session
 
     import recbole_iisan  # noqa: F401  (compat shims in the worker)
-    from recbole_iisan import quick_start
+    from recbole_iisan.quick_start import pipeline as quick_start
 
     cd = trial_config_dict(fixed or {}, config, base_iisan_lr, int_keys)
     if gpus_per_trial > 0:
@@ -342,8 +342,8 @@ def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
 
 def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, params: Sequence[HyperParam]) -> None:
     """Data + encoder cache once, for every cache-relevant value the search can sample."""
-    from recbole_iisan import quick_start
-    from recbole_iisan.config import build_config
+    from recbole_iisan.quick_start import pipeline as quick_start
+    from recbole_iisan.config.configurator import build_config
 
     choices = [(hp.name, hp.values) for hp in params if hp.name in CACHE_KEYS and hp.kind == "choice"]
     if not choices:
@@ -454,7 +454,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
     from ray.air import FailureConfig, RunConfig
     from ray.tune.schedulers import ASHAScheduler
 
-    from recbole_iisan.config import build_config, get_model_class
+    from recbole_iisan.config.configurator import build_config, get_model_class
 
     out = out or sys.stdout
     logger = getLogger()
@@ -474,7 +474,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
         logger.warning(f"{clash} are given on the command line and in {hyper_file}: the sampled values win")
 
     config = build_config(model, dataset, config_files, user)
-    from recbole_iisan.checks import check_search_space
+    from recbole_iisan.config.checks import check_search_space
 
     check_search_space(params, config, hyper_file)  # every value the space can sample, before Ray starts
     metric = str(config["valid_metric"]).lower()
@@ -491,7 +491,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
     fixed.update(absolute_paths(config, user))
     fixed["cache_rebuild"] = "never"
     base_iisan_lr = None
-    from recbole_iisan.quick_start import needs_item_states
+    from recbole_iisan.quick_start.pipeline import needs_item_states
 
     if needs_item_states(get_model_class(model)):
         from recbole_iisan.data.cache import cache_root

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from recbole_iisan.errors import PluginConfigError
-from recbole_iisan.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger()
 PathLike = Union[str, Path]
@@ -128,7 +128,7 @@ def build_user_encoder(run: Any, table: torch.Tensor) -> tuple[Any, str]:
 
 
 def export(run: Any, out_dir: PathLike, new_items: Optional[PathLike] = None) -> list[str]:
-    """Write the export files (module doc) for a :class:`~recbole_iisan.recommend.LoadedRun`;
+    """Write the export files (module doc) for a :class:`~recbole_iisan.serving.recommend.LoadedRun`;
     returns their names. Checks that the exported parts reproduce ``full_sort_predict``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def export(run: Any, out_dir: PathLike, new_items: Optional[PathLike] = None) ->
     titles = run.titles()
     names = [titles.get(t, "") for t in tokens]
     if new_items is not None:
-        from recbole_iisan.new_items import encode_new_items
+        from recbole_iisan.serving.new_items import encode_new_items
 
         new = encode_new_items(run, new_items)
         table = torch.cat([table, new.embeddings.float()])

@@ -12,7 +12,7 @@ its own process (its peak memory is its own), ``--jobs`` at a time, each writing
 - ``checkpoints/<Model>-seed<seed>.pth`` (the best model) and ``...-last.pth`` (the whole training
   state after every validation: an interrupted run resumes exactly where it stopped);
 - ``comparison.json``: the models (the first is the baseline), seeds and settings;
-- ``compare.md`` / ``compare.csv``: the table of :mod:`recbole_iisan.report` (mean +- std over
+- ``compare.md`` / ``compare.csv``: the table of :mod:`recbole_iisan.quick_start.results` (mean +- std over
   seeds, the paired bootstrap interval and Holm-corrected paired test against the first model).
 
 ``--resume`` continues a folder: finished runs (a result file) are kept, interrupted ones resume
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from recbole_iisan import report
-from recbole_iisan.errors import PluginConfigError
-from recbole_iisan.utils import atomic_write_json, atomic_write_text
+from recbole_iisan.quick_start import results as report
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 
@@ -40,7 +40,7 @@ def parse_entries(text: str) -> list[tuple[str, str, dict]]:
     """``--compare`` entries -> ``[(label, model, overrides)]``. An entry is a model name, or a
     variant ``Model[key=value;key=value]`` (an ablation: ``IISANVS[item_id_embedding=True]``),
     whose label is the entry itself; values are parsed as on the command line."""
-    from recbole_iisan.config import parse_overrides
+    from recbole_iisan.config.configurator import parse_overrides
 
     entries, depth, cur = [], 0, ""
     for ch in text:
@@ -134,7 +134,7 @@ def _child(label: str, model: str, dataset: str, seed: int, config_files, config
 
     if threads > 0:
         torch.set_num_threads(threads)
-    from recbole_iisan.quick_start import run
+    from recbole_iisan.quick_start.pipeline import run
 
     try:
         resume = str(paths["last"]) if paths["last"].is_file() else None
@@ -182,8 +182,8 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     """Run every entry (``(label, model, overrides)``, :func:`parse_entries`) once per seed into
     ``results_dir`` and print the comparison table. Returns 0 when every run finished, 1 otherwise
     (the table shows the finished ones)."""
-    from recbole_iisan.config import build_config
-    from recbole_iisan.quick_start import prepare_inputs
+    from recbole_iisan.config.configurator import build_config
+    from recbole_iisan.quick_start.pipeline import prepare_inputs
 
     if jobs < 1:
         raise PluginConfigError(f"--jobs={jobs}: expected an integer >= 1")
@@ -221,7 +221,7 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     if at_cap:
         print(f"warning: still improving at the epoch cap: {', '.join(at_cap)}: raise --epochs")
     if breakdown:
-        from recbole_iisan import breakdown as bd
+        from recbole_iisan.evaluator import breakdown as bd
 
         results = [json.loads(run_paths(folder, m, seeds[0])["result"].read_text()) for m in models
                    if run_paths(folder, m, seeds[0])["result"].is_file()]

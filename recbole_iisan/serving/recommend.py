@@ -6,7 +6,7 @@
 
 From Python::
 
-    from recbole_iisan.recommend import recommend
+    from recbole_iisan.serving.recommend import recommend
     df = recommend("saved/IISANVS-....pth", users=["196"], topk=10)   # pandas DataFrame
 
 The model is rebuilt the way the training run built it (RecBole's ``load_data_and_model`` flow,
@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from recbole_iisan.errors import CheckpointError, PluginConfigError
+from recbole_iisan.utils.errors import CheckpointError, PluginConfigError
 
 logger = logging.getLogger()
 
@@ -83,13 +83,13 @@ class LoadedRun:
         """Raw item id -> title (the first text field of tower A, else a title-like column)."""
         if self._titles is None:
             from recbole_iisan.data.cache import read_item_file
-            from recbole_iisan.errors import CacheError
+            from recbole_iisan.utils.errors import CacheError
 
             try:
                 names, cols = read_item_file(self.config)
             except CacheError:
                 names, cols = [], {}
-            from recbole_iisan.new_items import title_field
+            from recbole_iisan.serving.new_items import title_field
 
             field = title_field(self.config, names)
             id_field = self.iid_field if self.iid_field in names else (names[0] if names else "")
@@ -189,9 +189,9 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
     from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    from recbole_iisan import checkpoint
-    from recbole_iisan.config import get_model_class
-    from recbole_iisan.quick_start import create_dataset, prepare_inputs
+    from recbole_iisan.trainer import checkpoint
+    from recbole_iisan.config.configurator import get_model_class
+    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
 
     key = (str(Path(path).resolve()), device, repr(sorted((overrides or {}).items())))
     if key in _LOADED:
@@ -206,14 +206,14 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
     config["show_progress"] = False
     for k, v in (overrides or {}).items():
         config[k] = v
-    from recbole_iisan.config import resolve_protocol
+    from recbole_iisan.config.configurator import resolve_protocol
 
     resolve_protocol(config)  # a checkpoint of an older version may hold the protocol's automatic values
     init_seed(config["seed"], config["reproducibility"])
     model_class = get_model_class(config["model"])
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
-    from recbole_iisan.cold_start import apply as cold_start
+    from recbole_iisan.evaluator.cold_start import apply as cold_start
 
     ds = cold_start(config, ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
@@ -251,13 +251,13 @@ def recommend(checkpoint_path: Union[PathLike, LoadedRun], users: Optional[Seque
     """Top-``topk`` items per user (raw user ids ``users``) or per raw-id sequence (``sequences``,
     oldest first), as a DataFrame ``user, rank, item_id, title, score`` (``user`` is the user id, or
     ``seq<k>`` for the k-th sequence). ``new_items``: a TSV of unseen items ranked with the known
-    ones (content models only, see :mod:`recbole_iisan.new_items`)."""
+    ones (content models only, see :mod:`recbole_iisan.serving.new_items`)."""
     run = checkpoint_path if isinstance(checkpoint_path, LoadedRun) else load_run(checkpoint_path, device, overrides)
     if not users and not sequences:
         raise PluginConfigError("--recommend needs --users=U1,U2 or --sequence=\"i1 i2 ...\"")
     new = None
     if new_items is not None:
-        from recbole_iisan.new_items import encode_new_items
+        from recbole_iisan.serving.new_items import encode_new_items
 
         new = encode_new_items(run, new_items)
     labels: list[str] = []
@@ -301,15 +301,15 @@ def format_frame(df) -> str:
 
 
 def breakdown_of(run: LoadedRun) -> dict:
-    """The test breakdown (``recbole_iisan.breakdown``) of a loaded model, as a training run writes it."""
-    from recbole_iisan.breakdown import compute
-    from recbole_iisan.trainer import PluginTrainer
+    """The test breakdown (``recbole_iisan.evaluator.breakdown``) of a loaded model, as a training run writes it."""
+    from recbole_iisan.evaluator.breakdown import compute
+    from recbole_iisan.trainer.trainer import PluginTrainer
 
     return compute(PluginTrainer(run.config, run.model), run.train_data, run.test_data)
 
 
 def format_breakdown(run: LoadedRun) -> str:
-    from recbole_iisan.breakdown import markdown
+    from recbole_iisan.evaluator.breakdown import markdown
 
     bd = breakdown_of(run)
     metric = f"{str(run.config['metrics'][0]).lower()}@{max(run.config['topk'])}"
@@ -335,7 +335,7 @@ def main(args: Any, overrides: dict) -> int:
         if not users and not sequences and not args.export:
             return 0
     if args.export:
-        from recbole_iisan.export import export
+        from recbole_iisan.serving.export import export
 
         written = export(run, args.export, new_items=args.new_items)
         print(f"exported {run.config['model']} to {args.export}: " + ", ".join(sorted(written)))
@@ -345,7 +345,7 @@ def main(args: Any, overrides: dict) -> int:
                    exclude_history=not args.include_history, new_items=args.new_items)
     print(format_frame(df))
     if args.recommend_file:
-        from recbole_iisan.utils import atomic_write_text
+        from recbole_iisan.utils.files import atomic_write_text
 
         atomic_write_text(args.recommend_file, df.to_csv(sep="\t", index=False))
         print(f"written to {args.recommend_file}")

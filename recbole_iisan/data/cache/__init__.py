@@ -50,10 +50,10 @@ import torch
 
 from recbole_iisan.towers import encoders as _enc
 from recbole_iisan.towers import image_transform as _imgtf
-from recbole_iisan.utils import atomic_write_json, atomic_write_text
+from recbole_iisan.utils.files import atomic_write_json, atomic_write_text
 from recbole_iisan.towers.spec import TowerSpec, tower_specs
 from recbole_iisan.towers.layer_select import tower_layers_from_config
-from recbole_iisan.utils import config_get as _get
+from recbole_iisan.utils.files import config_get as _get
 
 logger = logging.getLogger("recbole_iisan.cache")
 
@@ -65,12 +65,7 @@ DATA = "data.mdb"
 CRC_BYTES = 4
 
 
-from recbole_iisan.errors import CacheError  # noqa: F401
-
-
-class CacheDamagedError(CacheError):
-    """A cache folder whose files do not match what its manifest recorded (truncated, edited,
-    overwritten); the message names the folder and what is wrong."""
+from recbole_iisan.utils.errors import CacheDamagedError, CacheError  # noqa: F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------

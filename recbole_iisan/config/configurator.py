@@ -23,8 +23,8 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 from recbole.config import Config
 
-from recbole_iisan.errors import PluginConfigError
-from recbole_iisan.utils import properties_dir
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import properties_dir
 
 PROPERTIES_DIR = properties_dir()
 
@@ -230,7 +230,7 @@ def build_config(
     they win over ``config_dict``, as in RecBole."""
     model_class = get_model_class(model)
     files = config_file_list(model, dataset, config_files)
-    from recbole_iisan.checks import check_config_files, validate_config
+    from recbole_iisan.config.checks import check_config_files, validate_config
 
     files = check_config_files(files)  # a yaml syntax error or a list: one line naming the file
     overrides = _merge_dict_overrides(files, dict(overrides or {}))

@@ -26,21 +26,18 @@ Where the rules come from (defaults and docs stay in one place, ``properties/*.y
 from __future__ import annotations
 
 import ast
-import contextlib
 import difflib
-import errno
 import functools
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import yaml
 
-from recbole_iisan.errors import PluginConfigError, UserError
-from recbole_iisan.utils import properties_dir
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import properties_dir
 
 PROPERTIES_DIR = properties_dir()
 
@@ -317,72 +314,3 @@ def check_search_space(params: Sequence[Any], config: Any, hyper_file: str) -> N
         for v in values:
             if hp.name in LAYER_SCHEME_KEYS or hp.name in enums or hp.name in ranges:
                 check_value(hp.name, v, ranges.get(hp.name, ()), enums.get(hp.name), where=where)
-
-
-# --------------------------------------------------------------------------------------------
-# full disks
-
-class DiskFullError(UserError, OSError):
-    """No space left while writing; what was finished is kept."""
-
-
-_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-#: below this much free space an I/O error while writing is taken for a full disk (LMDB reports
-#: a full disk as ``mdb_txn_commit: Input/output error``)
-LOW_SPACE_BYTES = 64 * 2**20
-
-
-def is_disk_full(exc: BaseException, path: Union[str, Path, None] = None) -> bool:
-    """Whether ``exc`` is a write that failed for lack of space (ENOSPC / EDQUOT, LMDB's
-    ``DiskError`` or an I/O error on a filesystem with almost no free space)."""
-    if isinstance(exc, OSError) and exc.errno in _FULL:
-        return True
-    text = str(exc)
-    if "No space left on device" in text or "Disk quota exceeded" in text:
-        return True
-    try:
-        import lmdb
-    except ImportError:  # pragma: no cover
-        return False
-    if isinstance(exc, lmdb.Error) or (isinstance(exc, OSError) and exc.errno == errno.EIO):
-        if isinstance(exc, getattr(lmdb, "DiskError", ())):
-            return True
-        if "Input/output error" in text or (isinstance(exc, OSError) and exc.errno == errno.EIO):
-            return _low_space(path)
-    return False
-
-
-def _low_space(path: Union[str, Path, None]) -> bool:
-    if path is None:
-        return False
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free < LOW_SPACE_BYTES
-    except OSError:
-        return False
-
-
-def disk_full_message(path: Union[str, Path, None]) -> str:
-    return f"disk full while writing {path or 'a file'}: free space and re-run; finished work is kept"
-
-
-@contextlib.contextmanager
-def disk_full_guard(where: Union[str, Path, Callable[[], Any], None]) -> Iterator[None]:
-    """Turn a full disk inside the block into :class:`DiskFullError` with one line naming the
-    path (``where``, or a callable returning it, evaluated only on failure)."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as exc:
-        path = getattr(exc, "filename", None)
-        if path is None:
-            try:
-                path = where() if callable(where) else where
-            except Exception:  # noqa: BLE001  (the message is what matters)
-                path = None
-        if is_disk_full(exc, path):
-            raise DiskFullError(disk_full_message(path)) from exc
-        raise

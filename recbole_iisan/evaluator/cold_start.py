@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from recbole_iisan.errors import PluginConfigError
-from recbole_iisan.utils import config_get as _get
+from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import config_get as _get
 
 logger = logging.getLogger()
 

@@ -19,12 +19,12 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_iisan.config import build_config, get_model_class
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.config.configurator import build_config, get_model_class
+from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.data.dataset import MultimodalSequentialDataset, ProtocolSequentialDataset
-from recbole_iisan.report import format_gates, peak_memory, write_result
-from recbole_iisan.trainer import PluginTrainer
-from recbole_iisan.utils import config_get as _get
+from recbole_iisan.quick_start.results import format_gates, peak_memory, write_result
+from recbole_iisan.trainer.trainer import PluginTrainer
+from recbole_iisan.utils.files import config_get as _get
 
 RAW_PATTERNS = ("am_*_users*.tsv", "*_items.tsv")
 
@@ -51,12 +51,12 @@ def ensure_atomic_files(config: Any) -> None:
         return
     for raw in _raw_dir_candidates(config):
         if raw.is_dir() and all(list(raw.glob(p)) for p in RAW_PATTERNS):
-            from recbole_iisan.data.prepare import prepare_dataset
+            from recbole_iisan.data.atomic_files import prepare_dataset
 
             getLogger().info(f"preparing {dataset} from raw files in {raw}")
             prepare_dataset(dataset, str(raw), str(root.parent), images=_get(config, "image_dir"))
             return
-    from recbole_iisan.data.download import download_and_prepare, is_known_dataset
+    from recbole_iisan.data.sources import download_and_prepare, is_known_dataset
 
     if is_known_dataset(dataset):  # the paper's datasets fetch themselves (RECBOLE_IISAN_DATA_URL)
         download_and_prepare(dataset, root.parent, images=_get(config, "image_dir"))
@@ -146,7 +146,7 @@ def run(
 
     prepare_inputs(config, model_class)
     ds = create_dataset(config, model_class)
-    from recbole_iisan.cold_start import apply as cold_start  # cold_start_items > 0: items held out of training
+    from recbole_iisan.evaluator.cold_start import apply as cold_start  # cold_start_items > 0: items held out of training
 
     ds = cold_start(config, ds)
     logger.info(ds)
@@ -160,7 +160,7 @@ def run(
 
     trainer = PluginTrainer(config, net, checkpoint_file=checkpoint_file, last_checkpoint_file=last_checkpoint_file)
     if resume:
-        from recbole_iisan import checkpoint
+        from recbole_iisan.trainer import checkpoint
 
         if checkpoint.is_last_checkpoint(resume):
             checkpoint.resume_last(trainer, resume, train_data)
@@ -178,7 +178,7 @@ def run(
     per_user: dict = {}
     if evaluate_test:
         if saved and not config["single_spec"]:
-            from recbole_iisan.compat import sync_checkpoint_path
+            from recbole_iisan.utils.compat import sync_checkpoint_path
 
             sync_checkpoint_path(trainer)  # DDP: every rank loads the file rank 0 wrote
         t1 = time.perf_counter()
@@ -226,7 +226,7 @@ def run(
         "checkpoint": trainer.saved_model_file if saved else None,
     }
     if test_result is not None and config["single_spec"]:  # test Hit/NDCG by target frequency, repeat, length
-        from recbole_iisan.breakdown import compute as compute_breakdown
+        from recbole_iisan.evaluator.breakdown import compute as compute_breakdown
 
         result["breakdown"] = compute_breakdown(trainer, train_data, test_data)
     gates = net.gate_values() if hasattr(net, "gate_values") else {}
@@ -272,7 +272,7 @@ def prepare_inputs(config: Any, model_class: Optional[type] = None) -> dict[str,
     if needs_item_states(model_class):
         from recbole_iisan.data.cache import ensure_caches
 
-        from recbole_iisan.checks import disk_full_guard
+        from recbole_iisan.utils.errors import disk_full_guard
 
         with disk_full_guard(lambda: _cache_folder(config)):  # a full disk while building: one line
             caches = {t: str(p) for t, p in ensure_caches(config).items()}

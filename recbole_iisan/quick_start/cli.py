@@ -4,10 +4,10 @@
         [--key=value ...]                    any RecBole / plugin config key
         [--paper_protocol]                   the paper's protocol instead of RecBole's
         [--compare=SASRec,GRU4Rec,IISANVS,IISANVA] [--seeds=2020,2021,2022] [--results_dir=DIR]
-        [--jobs=N] [--resume]                 several models and seeds, paired tests (recbole_iisan.comparison)
+        [--jobs=N] [--resume]                 several models and seeds, paired tests (recbole_iisan.quick_start.compare)
         [--result_file=PATH.json] [--resume=CHECKPOINT.pth]
         [--nproc=N --world_size=W --ip=IP --port=PORT --group_offset=K]   RecBole's DDP mode
-        [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.tuning)
+        [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.trainer.tuning)
 
 Bad input (unknown model or dataset, missing files, a config value of the wrong type, an image
 model without images) ends in one line on stderr and exit code 2.
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search (one seed per trial: "
                    "the config's 'seed'; --seeds does not apply)")
     p.add_argument("--strict", action="store_true", help="unknown config keys are an error (strict_config: True)")
-    r = p.add_argument_group("recommend / export (recbole_iisan.recommend, recbole_iisan.export)")
+    r = p.add_argument_group("recommend / export (recbole_iisan.serving.recommend, recbole_iisan.serving.export)")
     r.add_argument("--recommend", default=None, help="CHECKPOINT.pth: print top-k items (--topk=K, default 10)")
     r.add_argument("--users", default=None, help="comma-separated raw user ids (with --recommend)")
     r.add_argument("--sequence", action="append", default=None, help='"i1 i2 i3": a raw-id history (repeatable)')
@@ -79,26 +79,18 @@ def _config_dict(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from recbole_iisan.errors import EXIT_USER_ERROR, UserError
+    """``run_recbole_iisan.py`` and the ``recbole-iisan`` command (one ``error:`` line on bad input)."""
+    from recbole_iisan.utils.errors import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = build_parser().parse_known_args(argv)
-    try:
-        from recbole_iisan.config import parse_overrides
 
-        overrides = parse_overrides(rest)
-        return _main(args, rest, overrides)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception as exc:  # a full disk anywhere else: one line (checks.is_disk_full), else the traceback
-        from recbole_iisan.checks import disk_full_message, is_disk_full
+    def body() -> int:
+        from recbole_iisan.config.configurator import parse_overrides
 
-        path = getattr(exc, "filename", None)
-        if not is_disk_full(exc, path):
-            raise
-        print(f"error: {disk_full_message(path)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _main(args, rest, parse_overrides(rest))
+
+    return run_cli(body)
 
 
 def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
@@ -106,19 +98,19 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
     config_dict = _config_dict(args)
 
     import recbole_iisan  # noqa: F401  (applies the compat shims)
-    from recbole_iisan import quick_start
+    from recbole_iisan.quick_start import pipeline as quick_start
 
     if args.recommend or args.export:
-        from recbole_iisan.recommend import main as recommend_main
+        from recbole_iisan.serving.recommend import main as recommend_main
 
         return recommend_main(args, overrides)
     if args.tune:
-        from recbole_iisan.tuning import main as tune_main
+        from recbole_iisan.trainer.tuning import main as tune_main
 
         return tune_main(args, overrides, config_files, config_dict)
     if args.compare or args.seeds:
-        from recbole_iisan.comparison import compare, parse_entries, parse_seeds
-        from recbole_iisan.config import get_model_class
+        from recbole_iisan.quick_start.compare import compare, parse_entries, parse_seeds
+        from recbole_iisan.config.configurator import get_model_class
 
         entries = parse_entries(args.compare or args.model)
         for _, m, _ in entries:

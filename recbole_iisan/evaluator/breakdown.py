@@ -134,7 +134,7 @@ def table_rows(results: Sequence[dict], dim: str, metric: str) -> tuple[list[str
 
 def markdown(results: Sequence[dict], metric: str) -> str:
     """The ``--breakdown`` tables: ``metric`` per bucket (test users in the bucket in brackets)."""
-    from recbole_iisan.report import markdown_table
+    from recbole_iisan.quick_start.results import markdown_table
 
     parts = []
     for dim in DIMENSIONS:
@@ -153,7 +153,7 @@ def plot(results: Sequence[dict], metric: str, path: Union[str, Path]) -> Option
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from recbole_iisan.utils import atomic_write_bytes
+    from recbole_iisan.utils.files import atomic_write_bytes
 
     have = [r for r in results if r.get("breakdown")]
     if not have:

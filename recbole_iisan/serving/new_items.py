@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.utils.errors import PluginConfigError
 
 logger = logging.getLogger()
 PathLike = Union[str, Path]
@@ -192,7 +192,7 @@ def new_item_states(run: Any, tokens: list[str], cols: dict[str, list[str]], bas
 
 def encode_new_items(run: Any, path: PathLike) -> NewItems:
     """Embeddings of the new items of TSV ``path`` from the trained model of ``run`` (a
-    :class:`~recbole_iisan.recommend.LoadedRun`), without changing it."""
+    :class:`~recbole_iisan.serving.recommend.LoadedRun`), without changing it."""
     model = run.model
     if not (hasattr(model, "side") and hasattr(model, "states") and hasattr(model.states, "layers")
             and hasattr(run.dataset, "item_states")):

@@ -15,10 +15,10 @@ It is RecBole's ``Trainer`` with these additions, none of which changes RecBole'
   which the run writes beside its result file for paired tests between models;
 - with ``last_checkpoint_file``, the whole training state (model, optimizer, patience, history,
   random-number generators) is saved after every validation, so an interrupted run resumes exactly
-  where it stopped (:func:`recbole_iisan.checkpoint.resume_last`);
+  where it stopped (:func:`recbole_iisan.trainer.checkpoint.resume_last`);
 - it records training-only seconds per epoch, evaluation seconds and the best epoch, which the
   run report and the benchmarks read;
-- checkpoints go through ``recbole_iisan.checkpoint``: atomic saves, one line for a checkpoint
+- checkpoints go through ``recbole_iisan.trainer.checkpoint``: atomic saves, one line for a checkpoint
   that does not load, the per-epoch history saved and restored (a resumed run reports the whole
   run), and a run resumed from ``ck.pth`` saves to a new name, never over ``ck.pth``.
 """
@@ -35,8 +35,8 @@ from recbole.evaluator.base_metric import TopkMetric
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_iisan import checkpoint
-from recbole_iisan.compat import strict_improvement
+from recbole_iisan.trainer import checkpoint
+from recbole_iisan.utils.compat import strict_improvement
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +85,7 @@ class PluginTrainer(Trainer):
 
     def __init__(self, config: Any, model: torch.nn.Module, checkpoint_file: Optional[str] = None,
                  last_checkpoint_file: Optional[str] = None) -> None:
-        from recbole_iisan.config import resolve_protocol
+        from recbole_iisan.config.configurator import resolve_protocol
 
         resolve_protocol(config)  # idempotent: a config built elsewhere gets the protocol's defaults too
         super().__init__(config, model)
@@ -162,7 +162,7 @@ class PluginTrainer(Trainer):
         chunk = int(self.config["ranking_chunk_items"] or 0)
         if chunk > 0 and eval_data and eval_data.__class__.__name__ == "FullSortEvalDataLoader":
             # top-k over item chunks: memory bounded by users x chunk, not users x n_items
-            from recbole_iisan.ranking import evaluate_full_sort_streaming
+            from recbole_iisan.evaluator.ranking import evaluate_full_sort_streaming
 
             self.model.eval()
             return evaluate_full_sort_streaming(self, eval_data, chunk_items=chunk,
@@ -203,7 +203,7 @@ class PluginTrainer(Trainer):
 
         history = getattr(self._eval_dataset, "user_history", None)
         if history is None or HISTORY_LENGTH_FIELD not in interaction:
-            from recbole_iisan.errors import PluginConfigError
+            from recbole_iisan.utils.errors import PluginConfigError
 
             raise PluginConfigError("mask_history: True needs the plugin's sequential dataset "
                                     "(recbole_iisan.data.dataset.ProtocolSequentialDataset), which holds the "

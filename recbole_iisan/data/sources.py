@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
-from recbole_iisan.errors import DownloadError
-from recbole_iisan.utils import atomic_write_json
+from recbole_iisan.utils.errors import DownloadError
+from recbole_iisan.utils.files import atomic_write_json
 
 logger = logging.getLogger("recbole_iisan.download")
 
@@ -358,9 +358,9 @@ def download_and_prepare(dataset: str, data_path: PathLike, images: Optional[Pat
                          fetch_image_zip: bool = False, paper_protocol: bool = False,
                          force: bool = False, **prepare_kwargs: Any) -> dict:
     """Fetch the raw files of a known dataset into ``<data_path>/<dataset>/raw`` (and, with
-    ``fetch_image_zip``, its image zip), then :func:`~recbole_iisan.data.prepare.prepare_dataset`
+    ``fetch_image_zip``, its image zip), then :func:`~recbole_iisan.data.atomic_files.prepare_dataset`
     (which imports ``images`` into the LMDB store as ``prepare --images`` does)."""
-    from recbole_iisan.data.prepare import prepare_dataset
+    from recbole_iisan.data.atomic_files import prepare_dataset
 
     raw = fetch_raw_dataset(dataset, raw_dir_for(data_path, dataset))
     if fetch_image_zip:
@@ -371,7 +371,7 @@ def download_and_prepare(dataset: str, data_path: PathLike, images: Optional[Pat
 
 def local_raw_dir(data_path: PathLike, dataset: str) -> Optional[Path]:
     """``<data_path>/<dataset>/raw`` or ``<data_path>/<dataset>`` when it holds both raw files."""
-    from recbole_iisan.data.prepare import ITEMS_GLOB, USERS_GLOB
+    from recbole_iisan.data.atomic_files import ITEMS_GLOB, USERS_GLOB
 
     for d in (raw_dir_for(data_path, dataset), Path(data_path) / dataset):
         if d.is_dir() and any(d.glob(USERS_GLOB)) and any(d.glob(ITEMS_GLOB)):

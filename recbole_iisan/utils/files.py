@@ -15,8 +15,8 @@ def properties_dir() -> Path:
     """The plugin's yaml defaults: ``properties/`` installed as package data
     (``recbole_iisan/properties``: pip install . or a wheel), else the checkout's top-level folder
     (the source); the first that holds ``overall.yaml``."""
-    here = Path(__file__).resolve().parent
-    candidates = (here / "properties", here.parent / "properties")
+    package = Path(__file__).resolve().parents[1]  # recbole_iisan/
+    candidates = (package / "properties", package.parent / "properties")
     return next((c for c in candidates if (c / "overall.yaml").is_file()), candidates[0])
 
 

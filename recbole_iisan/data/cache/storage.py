@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from recbole_iisan.errors import CacheError
+from recbole_iisan.utils.errors import CacheError
 
 logger = logging.getLogger("recbole_iisan.state_store")
 
@@ -170,7 +170,7 @@ def export_states(cache_path: Path | str, tokens: Sequence[str], layers: Sequenc
         del arr
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        from recbole_iisan.utils import atomic_write_json
+        from recbole_iisan.utils.files import atomic_write_json
 
         atomic_write_json(meta_path, {"tokens": len(tokens), "layers": [int(x) for x in layers], "dtype": name,
                                       "dim": dim, "missing": missing, "cache": str(cache_path)})

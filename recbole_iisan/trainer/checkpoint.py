@@ -2,12 +2,12 @@
 
 RecBole's ``Trainer`` saves with ``torch.save`` straight onto the checkpoint path and reads with a
 bare ``torch.load``: a save interrupted by a full disk or a kill leaves a half-written file, and a
-file that does not load ends in a torch traceback. :class:`~recbole_iisan.trainer.PluginTrainer`
+file that does not load ends in a torch traceback. :class:`~recbole_iisan.trainer.trainer.PluginTrainer`
 calls this module instead:
 
 - :func:`save` serialises the state in memory and writes it with ``utils.atomic_write_bytes``
   (temp file in the same folder + fsync + rename): the path holds the previous checkpoint or the
-  new one, never part of one. A full disk raises :class:`~recbole_iisan.errors.CheckpointError`
+  new one, never part of one. A full disk raises :class:`~recbole_iisan.utils.errors.CheckpointError`
   saying so (the previous checkpoint is intact).
 - :func:`load` raises ``CheckpointError`` with one line naming the file and what is wrong (missing,
   empty, truncated, not a torch file, not a RecBole checkpoint).
@@ -29,9 +29,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from recbole_iisan.checks import is_disk_full
-from recbole_iisan.errors import CheckpointError
-from recbole_iisan.utils import atomic_write_bytes
+from recbole_iisan.utils.errors import is_disk_full
+from recbole_iisan.utils.errors import CheckpointError
+from recbole_iisan.utils.files import atomic_write_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -1,0 +1,1 @@
+"""Using a trained model: top-k recommendations, new items without retraining, export for serving."""

@@ -1,0 +1,1 @@
+"""Training: the trainer every model uses, its checkpoints, and the Ray Tune search."""
