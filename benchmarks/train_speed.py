@@ -110,7 +110,7 @@ def main() -> None:
     import recbole_iisan  # noqa: F401
     from recbole_iisan.config.configurator import build_config, parse_overrides
     from recbole_iisan.quick_start.pipeline import prepare_inputs
-    from recbole_iisan.quick_start.results import markdown_table
+    from recbole_iisan.utils.tables import markdown_table
 
     models = [m for m in args.models.split(",") if m]
     config_dict = {"epochs": args.epochs, "stopping_step": 10**6, "show_progress": False}

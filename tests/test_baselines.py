@@ -1,8 +1,6 @@
 """End-to-end baselines (FFT, Adapter, LoRA, BitFit, IISANUncached) on tiny BERT / ViT backbones."""
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from recbole.utils import init_seed
 from recbole_iisan.config.configurator import build_config, get_model_class
 from recbole_iisan.data.dataset import MultimodalSequentialDataset
 from recbole_iisan.data.raw_inputs import RawInputSequentialDataset
-from recbole_iisan.quick_start.results import tpme
-from recbole_iisan.model.baselines import BitFit, FFT, LoRA, Adapter
-from recbole_iisan.model.iisan import IISANUncached
+from recbole_iisan.evaluator.efficiency import tpme
 from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
 
 from conftest import WORDS, write_tiny_dataset

@@ -52,8 +52,11 @@ def items(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 def cfg(tmp_path: Path, **kw) -> dict:
-    c = {"cache_dir": str(tmp_path / "cache"), "encoder_batch_size": 8, "cache_dtype": "float16",
-         "data_path": str(tmp_path / "data"), "dataset": "toy"}
+    from conftest import plugin_defaults
+
+    c = plugin_defaults("IISAN")
+    c.update({"cache_dir": str(tmp_path / "cache"), "encoder_batch_size": 8, "cache_dtype": "float16",
+         "data_path": str(tmp_path / "data"), "dataset": "toy"})
     c.update(kw)
     return c
 
@@ -275,16 +278,12 @@ def test_load_states_errors(tmp_path):
 # ensure_caches over a dataset folder, image towers
 
 def write_dataset(root: Path, n: int = 12) -> tuple[list[str], list[str]]:
+    from conftest import write_atomic_files
+
     tokens, texts = items(n, seed=9)
-    d = root / "data" / "toy"
-    d.mkdir(parents=True, exist_ok=True)
-    rows = ["item_id:token\ttitle:token_seq\tbrand:token"]
-    for i, (t, x) in enumerate(zip(tokens, texts)):
-        rows.append(f"{t}\t{x if i != 3 else ''}\t{'acme' if i % 2 else ''}")
-    (d / "toy.item").write_text("\n".join(rows) + "\n")
-    inter = ["user_id:token\titem_id:token\ttimestamp:float"] + [f"u{u}\t{t}\t{k}" for u in range(3)
-                                                                 for k, t in enumerate(tokens)]
-    (d / "toy.inter").write_text("\n".join(inter) + "\n")  # atomic files: the run's pipeline needs both
+    write_atomic_files(root / "data", "toy", {f"u{u}": tokens for u in range(3)},  # the run's pipeline needs both files
+                       {t: {"title": x if i != 3 else "", "brand": "acme" if i % 2 else ""}
+                        for i, (t, x) in enumerate(zip(tokens, texts))}, {"title": "token_seq", "brand": "token"})
     return tokens, texts
 
 

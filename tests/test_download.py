@@ -11,11 +11,9 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 import socket
-import sys
 import threading
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer

@@ -22,7 +22,7 @@ from recbole_iisan.trainer.trainer import PluginTrainer
 PROPS = Path(__file__).resolve().parents[1] / "properties"
 N_USERS, N_ITEMS_RAW = 40, 30
 
-# the paper's numbers (iisan-method.md 3.8): side networks + heads + fusion
+# the paper's numbers (IISAN, arXiv:2404.02059, the trainable-parameter counts of Sec. 4): side networks + heads + fusion
 VS_SIDE = 4_013_653  # 4,113,877 with the authors' 100,224-parameter user encoder
 REF_USER_ENCODER = 100_224
 RECBOLE_USER_ENCODER = REF_USER_ENCODER + 2 * 4 * 64  # RecBole's TransformerEncoder has Q/K/V/O biases

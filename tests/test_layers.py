@@ -1,4 +1,4 @@
-"""Side-network blocks: SANB, gates, intra / inter towers, heads (iisan-method.md 3.1-3.5)."""
+"""Side-network blocks: SANB, gates, intra / inter towers, heads (IISAN, arXiv:2404.02059, Sec. 3)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The in-batch debiased softmax loss (iisan-method.md 4.1) against a per-row reference."""
+"""The in-batch debiased softmax loss (IISAN-Versa, arXiv:2411.02992, Eqs. (6)-(7)) against a per-row reference."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""The paper's protocol (iisan-method.md 1.3-1.8, 4.1, 5) and ``mask_history``, checked against
+"""The paper's protocol (the authors' code, github.com/GAIR-Lab/IISAN; IISAN-Versa, arXiv:2411.02992,
+Sec. V-A, Eqs. (6)-(7)) and ``mask_history``, checked against
 references written out here from the formulas, on a tiny hand-written dataset.
 
 - the training windows: one per user, the train sequence s[0:L-2] of the 13-truncated sequence;
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS
+from conftest import WORDS, write_atomic_files
 
 # hand-written sequences (time order). u3 is longer than 13 (truncated), u2's test target repeats
 # an item of its training sequence, u4's validation target repeats, u5's test target repeats the
@@ -40,19 +41,9 @@ def truncated(seq):
 
 
 def write_hand_dataset(root: Path, name: str = "hand") -> Path:
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
-    t = 0
-    for u, seq in SEQS.items():
-        for it in seq:
-            t += 1
-            lines.append(f"{u}\t{it}\t{t}")
-    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
     items = sorted({i for s in SEQS.values() for i in s})
-    rows = ["item_id:token\ttitle:token_seq"] + [f"{it}\t{WORDS[k % len(WORDS)]} {WORDS[(3 * k + 1) % len(WORDS)]} {it}"
-                                                 for k, it in enumerate(items)]
-    (folder / f"{name}.item").write_text("\n".join(rows) + "\n")
+    write_atomic_files(root, name, SEQS, {it: {"title": f"{WORDS[k % len(WORDS)]} {WORDS[(3 * k + 1) % len(WORDS)]} {it}"}
+                                          for k, it in enumerate(items)})
     return root
 
 
@@ -170,7 +161,7 @@ def test_every_model_trains_on_the_same_user_position_target_triples_under_the_p
 # ------------------------------------------------------------------------------------------- loss
 
 def _reference_loss(windows: list[list[int]], E: np.ndarray, Q: np.ndarray, logp: dict[int, float]) -> float:
-    """iisan-method.md 4.1 with plain loops. windows[b]: the 11 left-padded slot ids of user b;
+    """The authors' loss (IISAN-Versa Eqs. (6)-(7), their code's masking) with plain loops. windows[b]: the 11 left-padded slot ids of user b;
     E[i]: item i's embedding; Q[b, j]: user b's output at input slot j (j = 0..9)."""
     B = len(windows)
     cols = [i for w in windows for i in w]  # N = B * 11 columns

@@ -195,7 +195,7 @@ def test_breakdown_in_the_result_file_adds_up_to_recbole_metrics(trained) -> Non
 
 
 def test_training_frequency_counts_training_interactions(trained) -> None:
-    from recbole_iisan.evaluator.breakdown import training_frequency
+    from recbole_iisan.data.dataset import training_frequency
     from recbole_iisan.serving.recommend import load_run
 
     run = load_run(trained["ckpt"])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

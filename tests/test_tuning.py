@@ -126,16 +126,15 @@ def test_overrides_convert_like_recbole():
 # a real search
 
 def _tiny_dataset(root: Path, name: str = "tiny", n_users: int = 60, n_items: int = 40, per_user: int = 8) -> None:
+    from conftest import write_atomic_files
+
     rng = random.Random(0)
-    d = root / name
-    d.mkdir(parents=True)
-    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    sequences = {}
     for u in range(n_users):
         start = rng.randrange(n_items)
-        for k in range(per_user):  # a mostly sequential walk: learnable, so the metric is not all zeros
-            item = (start + k + (rng.random() < 0.2)) % n_items
-            lines.append(f"u{u}\ti{item}\t{u * 100 + k}")
-    (d / f"{name}.inter").write_text("\n".join(lines) + "\n")
+        # a mostly sequential walk: learnable, so the metric is not all zeros
+        sequences[f"u{u}"] = [f"i{(start + k + (rng.random() < 0.2)) % n_items}" for k in range(per_user)]
+    write_atomic_files(root, name, sequences)
 
 
 def _ray_processes() -> set[int]:

@@ -246,9 +246,10 @@ def build_config(
     check_types(config)
     validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read
     resolve_protocol(config)
-    from recbole_iisan.towers.spec import resolve_towers
+    if model in PLUGIN_MODELS:  # RecBole's own models have no towers
+        from recbole_iisan.towers.spec import resolve_towers
 
-    resolve_towers(config)
+        resolve_towers(config)
     return config
 
 

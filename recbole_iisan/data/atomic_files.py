@@ -36,11 +36,10 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("recbole_iisan.prepare")
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 USERS_GLOB = "am_*_users*.tsv"
 ITEMS_GLOB = "*_items.tsv"
@@ -53,7 +52,7 @@ _WS = re.compile(r"\s+")
 
 
 from recbole_iisan.utils.errors import PrepareError  # noqa: E402,F401  (re-exported)
-from recbole_iisan.utils.files import atomic_write_text, bundled_dataset_dir  # noqa: E402
+from recbole_iisan.utils.files import PathLike, atomic_write_text, bundled_dataset_dir  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,77 +222,98 @@ def prepare_dataset(dataset: str, raw_dir: PathLike, data_path: PathLike,
     ``truncated_users``, ``dropped_interactions``, ``empty_titles``, ``raw_users``,
     ``raw_interactions``, ``raw_items``, ``items_in_file``), the ``options``, the output paths,
     ``up_to_date`` and, with ``images``, an ``images`` entry with the coverage."""
+    options = _check_options(dataset, paper_protocol, min_seq_len, max_seq_len, unknown_items)
+    users_file, items_file = find_raw_files(raw_dir)
+    out_dir = Path(data_path) / dataset
+    paths = {"inter_file": out_dir / f"{dataset}.inter", "item_file": out_dir / f"{dataset}.item",
+             "manifest": _manifest_path(data_path, dataset)}
+    sources = {"users": _file_stamp(users_file), "items": _file_stamp(items_file)}
+    old = None if force else _load_manifest(paths["manifest"])
+    if (old is not None and old.get("version") == MANIFEST_VERSION and old.get("sources") == sources
+            and old.get("options") == options and _outputs_match(old, out_dir)):
+        counts, tokens, up_to_date = dict(old["counts"]), None, True
+        logger.info(f"prepare {dataset}: up to date ({paths['inter_file']}, {paths['item_file']}); "
+                    f"{counts['users']:,} users, {counts['items']:,} items, {counts['interactions']:,} interactions")
+    else:
+        t0 = time.perf_counter()
+        counts, tokens = _convert(dataset, users_file, items_file, paths, options)
+        _write_manifest(dataset, paths, sources, options, counts)
+        up_to_date = False
+        opts = ", ".join(f"{k}={v}" for k, v in options.items())
+        logger.info(
+            f"prepare {dataset}: {counts['users']:,} users, {counts['items']:,} items, "
+            f"{counts['interactions']:,} interactions ({opts}; raw: {counts['raw_interactions']:,} "
+            f"interactions, {counts['raw_items']:,} distinct items, {counts['items_in_file']:,} in items file; "
+            f"{counts['truncated_users']:,} users truncated) -> {out_dir} in {time.perf_counter() - t0:.1f} s")
+    result = dict(counts, dataset=dataset, options=options, up_to_date=up_to_date,
+                  **{k: str(v) for k, v in paths.items()})
+    if images is not None:
+        result["images"] = _import_images(images, data_path, dataset,
+                                          tokens if tokens is not None else read_item_tokens(paths["item_file"]))
+    return result
+
+
+def _check_options(dataset: str, paper_protocol: bool, min_seq_len: int, max_seq_len: int,
+                   unknown_items: str) -> dict:
     if not dataset or os.sep in dataset or (os.altsep and os.altsep in dataset):
         raise PrepareError(f"expected a dataset name without path separators, found {dataset!r}")
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
-        raise PrepareError(f"unknown_items: expected one of {UNKNOWN_ITEM_POLICIES}, "
-                           f"found {unknown_items!r}")
-    min_seq_len, max_seq_len = int(min_seq_len), int(max_seq_len)
-    if max_seq_len < 1:
-        raise PrepareError(f"max_seq_len: expected a positive integer, found {max_seq_len}")
-    users_file, items_file = find_raw_files(raw_dir)
-    out_dir = Path(data_path) / dataset
-    inter_path = out_dir / f"{dataset}.inter"
-    item_path = out_dir / f"{dataset}.item"
-    manifest_path = _manifest_path(data_path, dataset)
-    options = {"paper_protocol": bool(paper_protocol), "min_seq_len": min_seq_len,
-               "max_seq_len": max_seq_len, "unknown_items": unknown_items}
-    sources = {"users": _file_stamp(users_file), "items": _file_stamp(items_file)}
+        raise PrepareError(f"unknown_items: expected one of {UNKNOWN_ITEM_POLICIES}, found {unknown_items!r}")
+    if int(max_seq_len) < 1:
+        raise PrepareError(f"max_seq_len: expected a positive integer, found {int(max_seq_len)}")
+    return {"paper_protocol": bool(paper_protocol), "min_seq_len": int(min_seq_len),
+            "max_seq_len": int(max_seq_len), "unknown_items": unknown_items}
 
-    old = None if force else _load_manifest(manifest_path)
-    if (old is not None and old.get("version") == MANIFEST_VERSION
-            and old.get("sources") == sources and old.get("options") == options
-            and _outputs_match(old, out_dir)):
-        result = dict(old["counts"])
-        logger.info(f"prepare {dataset}: up to date ({inter_path}, {item_path}); "
-                    f"{result['users']:,} users, {result['items']:,} items, "
-                    f"{result['interactions']:,} interactions")
-        result.update(dataset=dataset, options=options, inter_file=str(inter_path),
-                      item_file=str(item_path), manifest=str(manifest_path), up_to_date=True)
-        if images is not None:
-            result["images"] = _import_images(images, data_path, dataset,
-                                              read_item_tokens(item_path))
-        return result
 
-    t0 = time.perf_counter()
-    raw_items = read_items(items_file)
-    users = read_users(users_file)
-
-    raw_interactions = sum(len(seq) for _, seq, _ in users)
-    raw_distinct = len({i for _, seq, _ in users for i in seq})
+def _drop_unknown_items(dataset: str, users: list, raw_items: dict, users_file: Path, items_file: Path,
+                        policy: str) -> int:
+    """Item ids missing from the items file: one line naming the first (``error``), or drop them."""
     dropped = 0
     for idx, (user, seq, lineno) in enumerate(users):
         unknown = [i for i in seq if i not in raw_items]
         if not unknown:
             continue
-        if unknown_items == "error":
-            raise PrepareError(f"{users_file}:{lineno}: expected item ids listed in "
-                               f"{items_file.name}, item {unknown[0]!r} of user {user!r} is not "
-                               f"(use unknown_items=drop to drop such interactions)")
+        if policy == "error":
+            raise PrepareError(f"{users_file}:{lineno}: expected item ids listed in {items_file.name}, item "
+                               f"{unknown[0]!r} of user {user!r} is not (use unknown_items=drop to drop such interactions)")
         dropped += len(unknown)
         users[idx] = (user, [i for i in seq if i in raw_items], lineno)
     if dropped:
         logger.warning(f"prepare {dataset}: dropped {dropped:,} interactions with item ids "
                        f"missing from {items_file.name} (unknown_items=drop)")
+    return dropped
 
-    keep_last = max_seq_len + 3
+
+def _keep_users(dataset: str, users: list, options: dict, users_file: Path) -> tuple[list, int, int]:
+    """Users with at least ``min_seq_len`` items, cut to their last ``max_seq_len + 3`` under the
+    paper protocol: ``(kept, skipped, truncated)``."""
+    keep_last = options["max_seq_len"] + 3
     skipped = truncated = 0
     kept: List[Tuple[str, List[str]]] = []
     for user, seq, _ in users:
-        if len(seq) < min_seq_len:
+        if len(seq) < options["min_seq_len"]:
             skipped += 1
             continue
-        if paper_protocol and len(seq) > keep_last:
+        if options["paper_protocol"] and len(seq) > keep_last:
             seq = seq[-keep_last:]
             truncated += 1
         kept.append((user, seq))
     if skipped:
-        logger.info(f"prepare {dataset}: skipped {skipped:,} users with fewer than "
-                    f"{min_seq_len} items")
+        logger.info(f"prepare {dataset}: skipped {skipped:,} users with fewer than {options['min_seq_len']} items")
     if not kept:
-        raise PrepareError(f"{users_file}: expected at least one user with {min_seq_len} or "
+        raise PrepareError(f"{users_file}: expected at least one user with {options['min_seq_len']} or "
                            f"more items, found none")
+    return kept, skipped, truncated
 
+
+def _convert(dataset: str, users_file: Path, items_file: Path, paths: dict, options: dict) -> tuple[dict, list[str]]:
+    """Read, check and filter the raw files, write the atomic files; the counts and the item tokens."""
+    raw_items = read_items(items_file)
+    users = read_users(users_file)
+    raw_interactions = sum(len(seq) for _, seq, _ in users)
+    raw_distinct = len({i for _, seq, _ in users for i in seq})
+    dropped = _drop_unknown_items(dataset, users, raw_items, users_file, items_file, options["unknown_items"])
+    kept, skipped, truncated = _keep_users(dataset, users, options, users_file)
     used = {i for _, seq in kept for i in seq}
     item_lines = [ITEM_HEADER]
     empty_titles = 0
@@ -305,47 +325,28 @@ def prepare_dataset(dataset: str, raw_dir: PathLike, data_path: PathLike,
     if empty_titles:
         logger.warning(f"prepare {dataset}: {empty_titles:,} items have an empty title after "
                        f"cleaning; they are kept with an empty title")
-
     inter_lines = [INTER_HEADER]
     for user, seq in kept:
         inter_lines.extend(f"{user}\t{item}\t{pos}" for pos, item in enumerate(seq))
-    n_inter = len(inter_lines) - 1
+    paths["inter_file"].parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths["inter_file"], "\n".join(inter_lines) + "\n")
+    atomic_write_text(paths["item_file"], "\n".join(item_lines) + "\n")
+    counts = {"users": len(kept), "items": len(used), "interactions": len(inter_lines) - 1,
+              "skipped_users": skipped, "truncated_users": truncated, "dropped_interactions": dropped,
+              "empty_titles": empty_titles, "raw_users": len(users), "raw_interactions": raw_interactions,
+              "raw_items": raw_distinct, "items_in_file": len(raw_items)}
+    return counts, [ln.split("\t", 1)[0] for ln in item_lines[1:]]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inter_text = "\n".join(inter_lines) + "\n"
-    item_text = "\n".join(item_lines) + "\n"
-    atomic_write_text(inter_path, inter_text)
-    atomic_write_text(item_path, item_text)
 
-    counts = {
-        "users": len(kept), "items": len(used), "interactions": n_inter,
-        "skipped_users": skipped, "truncated_users": truncated,
-        "dropped_interactions": dropped, "empty_titles": empty_titles,
-        "raw_users": len(users), "raw_interactions": raw_interactions,
-        "raw_items": raw_distinct, "items_in_file": len(raw_items),
-    }
+def _write_manifest(dataset: str, paths: dict, sources: dict, options: dict, counts: dict) -> None:
+    """What was prepared from what: a later run with the same sources and options is up to date."""
     manifest = {
-        "version": MANIFEST_VERSION, "dataset": dataset, "sources": sources, "options": options,
-        "counts": counts,
-        "outputs": {inter_path.name: inter_path.stat().st_size,
-                    item_path.name: item_path.stat().st_size},
+        "version": MANIFEST_VERSION, "dataset": dataset, "sources": sources, "options": options, "counts": counts,
+        "outputs": {paths["inter_file"].name: paths["inter_file"].stat().st_size,
+                    paths["item_file"].name: paths["item_file"].stat().st_size},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    opts = ", ".join(f"{k}={v}" for k, v in options.items())
-    logger.info(
-        f"prepare {dataset}: {counts['users']:,} users, {counts['items']:,} items, "
-        f"{counts['interactions']:,} interactions ({opts}; raw: {raw_interactions:,} "
-        f"interactions, {raw_distinct:,} distinct items, {len(raw_items):,} in items file; "
-        f"{truncated:,} users truncated) -> {out_dir} in {time.perf_counter() - t0:.1f} s")
-
-    result = dict(counts)
-    result.update(dataset=dataset, options=options, inter_file=str(inter_path),
-                  item_file=str(item_path), manifest=str(manifest_path), up_to_date=False)
-    if images is not None:
-        result["images"] = _import_images(images, data_path, dataset,
-                                          [ln.split("\t", 1)[0] for ln in item_lines[1:]])
-    return result
+    atomic_write_text(paths["manifest"], json.dumps(manifest, indent=2) + "\n")
 
 
 def _import_images(images: PathLike, data_path: PathLike, dataset: str,

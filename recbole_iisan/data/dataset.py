@@ -15,7 +15,6 @@ They are loaded once; RecBole's split copies share them.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -23,14 +22,27 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils.enum_type import FeatureSource, FeatureType
-from recbole_iisan.utils.files import config_get as _config_get
+from recbole_iisan.utils.files import setting
 
-logger = logging.getLogger()
 
 
 
 
 HISTORY_LENGTH_FIELD = "history_length"
+
+
+def training_frequency(train_dataset: Any, n_items: int) -> np.ndarray:
+    """``[n_items]`` interactions per item in the training split of a sequential dataset: every
+    training target, plus each user's first item (the input of the user's first training example)."""
+    feat = train_dataset.inter_feat
+    iid = train_dataset.iid_field
+    seq_f, len_f = iid + train_dataset.config["LIST_SUFFIX"], train_dataset.config["ITEM_LIST_LENGTH_FIELD"]
+    targets = feat[iid].numpy()
+    counts = np.bincount(targets, minlength=n_items)
+    if seq_f in feat and len_f in feat:
+        first = feat[seq_f][:, 0].numpy()[feat[len_f].numpy() == 1]
+        counts += np.bincount(first, minlength=n_items)
+    return counts[:n_items]
 
 
 class ProtocolSequentialDataset(SequentialDataset):
@@ -43,7 +55,8 @@ class ProtocolSequentialDataset(SequentialDataset):
     starts), so that the trainer can mask the user's whole history at ranking (``mask_history``)
     for every sequential model: ``user_history[offset[u] : offset[u] + history_length]``.
 
-    ``paper_protocol: True`` (iisan-method.md 1.3-1.5): each user's sequence is cut to its
+    ``paper_protocol: True`` (the authors' data pipeline, github.com/GAIR-Lab/IISAN; IISAN-Versa,
+    arXiv:2411.02992, Sec. V-A and Table I): each user's sequence is cut to its
     ``MAX_ITEM_LIST_LENGTH + 3`` most recent interactions before anything else; validation and
     test are RecBole's leave-one-out rows (the up-to-10 items before the target). For a model whose
     loss reads every position (``loss_positions: all``), the training split holds ONE row per user
@@ -61,8 +74,7 @@ class ProtocolSequentialDataset(SequentialDataset):
         Every other sequential model (RecBole's SASRec, GRU4Rec, ...: loss at the last position)
         keeps RecBole's prefix augmentation inside the same truncated sequences, which yields the
         same (user, position, target) triples: equal supervision."""
-        return bool(_config_get(self.config, "paper_protocol", False)) and \
-            _config_get(self.config, "loss_positions", None) == "all"
+        return bool(setting(self.config, "paper_protocol")) and self.config["loss_positions"] == "all"
 
     def data_augmentation(self) -> None:
         # the users' full sequences (after filtering, in time order) before RecBole's augmentation
@@ -100,7 +112,7 @@ class ProtocolSequentialDataset(SequentialDataset):
 
     def _data_filtering(self) -> None:
         super()._data_filtering()
-        if _config_get(self.config, "paper_protocol", False):
+        if setting(self.config, "paper_protocol"):
             self._truncate_to_recent()
 
     def _truncate_to_recent(self) -> None:
@@ -145,7 +157,7 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
                 "recbole_iisan.quick_start.prepare_inputs(config) (or python -m recbole_iisan.build_cache) first")
         specs = {s.name: s for s in cache_mod.tower_specs_for(self.config)}
         layers = cache_mod.model_layers(self.config, list(specs.values()))
-        dtype = getattr(torch, str(_config_get(self.config, "cache_dtype", "float16")))
+        dtype = getattr(torch, str(setting(self.config, "cache_dtype")))
         # internal id -> token; row 0 is the padding token "[PAD]"
         tokens = [str(t) for t in self.field2id_token[self.iid_field][1:]]
         self.towers = list(specs)
@@ -159,7 +171,7 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
         # larger than RAM); auto picks by the states' size against the available memory
         total = sum(state_store.state_bytes(len(tokens), len(layers[n]), int(cache_mod.read_manifest(paths[n])["dim"]),
                                             dtype) for n in self.towers)
-        storage = state_store.choose_storage(str(_config_get(self.config, "state_storage", "auto")), total)
+        storage = state_store.choose_storage(str(setting(self.config, "state_storage")), total)
         self.state_storage = storage
         for name in self.towers:
             full, missing = state_store.load_item_states(paths[name], tokens, layers[name], dtype=dtype, storage=storage)
@@ -167,21 +179,14 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
             self.item_state_layers[name] = list(layers[name])
             self.encoder_depths[name] = cache_mod.encoder_depth(specs[name])
             self.missing_items[name] = len(missing)
-            policy = _config_get(self.config, "missing_image", "error")
-            if missing:
-                first = [tokens[i] for i in missing[:5]]
-                if specs[name].is_image and policy == "zeros":
-                    self.logger.warning(
-                        f"tower '{name}': {len(missing)} of {len(tokens)} items have no image; "
-                        f"their states are zeros (missing_image: zeros). First: {first}"
-                    )
-                else:
-                    raise cache_mod.CacheError(
-                        f"tower '{name}': {len(missing)} of {len(tokens)} items of the dataset have no "
-                        f"cached state (first: {first}); "
-                        + ("set missing_image: zeros to train with zero states for them"
-                           if specs[name].is_image else "re-run build_cache")
-                    )
+            if specs[name].is_image:
+                from recbole_iisan.data.images import check_missing_images
+
+                check_missing_images(self.config, name, [tokens[i] for i in missing], len(tokens), "zero states")
+            elif missing:
+                raise cache_mod.CacheError(
+                    f"tower '{name}': {len(missing)} of {len(tokens)} items of the dataset have no cached state "
+                    f"(first: {[tokens[i] for i in missing[:5]]}); re-run build_cache")
             mb = full.numel() * full.element_size() / 2**20
             self.logger.info(
                 f"tower '{name}': item states {tuple(full.shape)} {full.dtype} ({mb:.1f} MB, {storage}), "

@@ -26,17 +26,16 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 from PIL import Image
 
-from recbole_iisan.utils.errors import ImageStoreError
-from recbole_iisan.utils.files import bundled_dataset_dir
+from recbole_iisan.utils.errors import CacheError, ImageStoreError
+from recbole_iisan.utils.files import PathLike, bundled_dataset_dir, setting
 
 logger = logging.getLogger("recbole_iisan.images")
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 META_KEY = b"__meta__"
@@ -538,3 +537,17 @@ class ImageStore:
 
     def __repr__(self) -> str:
         return f"ImageStore({str(self.path)!r}, {self.meta.get('n_stored')} images)"
+
+
+def check_missing_images(config, tower: str, missing: Sequence[str], total: int, zeros_give: str) -> None:
+    """The one rule for the items of an image tower without an image (``missing_image``):
+    ``error`` -> one line naming how many and the first; ``zeros`` -> they get ``zeros_give``
+    (zero states, black images), said once in the log."""
+    if not missing:
+        return
+    first = list(missing[:5])
+    if str(setting(config, "missing_image")) != "zeros":
+        raise CacheError(f"tower '{tower}': {len(missing)} of {total} items have no image (first: {first}); "
+                         f"set missing_image: zeros to give them {zeros_give}")
+    logging.getLogger().warning(f"tower '{tower}': {len(missing)} of {total} items have no image; they get "
+                                f"{zeros_give} (missing_image: zeros). First: {first}")

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from recbole_iisan.data.dataset import ProtocolSequentialDataset, _config_get
+from recbole_iisan.data.dataset import ProtocolSequentialDataset
+from recbole_iisan.data.images import check_missing_images
 from recbole_iisan.utils.files import atomic_write_bytes
 from recbole_iisan.towers.encoders import load_image_processor, load_tokenizer, pad_id_of, pad_ids, tokenize
 
@@ -132,11 +133,7 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
         store = cache_mod._find_image_store(self.config, tokens, spec.name)
         have = [t for t in tokens if t in store]
         missing = len(tokens) - len(have)
-        if missing and str(_config_get(self.config, "missing_image", "error")) != "zeros":
-            first = [t for t in tokens if t not in store][:5]
-            raise cache_mod.CacheError(
-                f"tower '{spec.name}': {missing} of {len(tokens)} items have no image (first: {first}); "
-                f"set missing_image: zeros to use black images for them")
+        check_missing_images(self.config, spec.name, [t for t in tokens if t not in store], len(tokens), "black images")
         digest = hashlib.sha256(
             (cache_mod._store_path(store) + "\0" + "\0".join(tokens) + "\0" + "\0".join(have)
              + f"\0{size}\0{resample}").encode()
@@ -156,9 +153,6 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
                 buf = io.BytesIO()
                 np.save(buf, pixels)
                 atomic_write_bytes(npy, buf.getvalue())
-        if missing:
-            logger.warning(f"tower '{spec.name}': {missing} of {len(tokens)} items have no image; "
-                           "they get a black image (missing_image: zeros)")
         self.missing_items[spec.name] = missing
         logger.info(f"tower '{spec.name}': pixels {tuple(pixels.shape)} uint8 "
                     f"({pixels.nbytes / 2**20:.0f} MB), mean {mean}, std {std}")

@@ -30,14 +30,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 from recbole_iisan.utils.errors import DownloadError
-from recbole_iisan.utils.files import atomic_write_json
+from recbole_iisan.utils.files import PathLike, atomic_write_json
 
 logger = logging.getLogger("recbole_iisan.download")
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 UPSTREAM_COMMIT = "67f5c1faf12a1f9fc3258922bb05684561532d1d"
 UPSTREAM_URL = f"https://raw.githubusercontent.com/GAIR-Lab/IISAN/{UPSTREAM_COMMIT}/Dataset"

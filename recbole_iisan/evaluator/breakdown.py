@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from recbole_iisan.data.dataset import training_frequency
+
 FREQUENCY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, None))
 LENGTH_EDGES = (1, 3, 6, 10, 20, 50)
 DIMENSIONS = ("target_frequency", "target", "history_length")
@@ -33,20 +35,6 @@ def _label(lo: int, hi: Optional[int]) -> str:
     if hi is None:
         return f"{lo}+"
     return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def training_frequency(train_dataset: Any, n_items: int) -> np.ndarray:
-    """``[n_items]`` interactions per item in the training split of a sequential dataset: every
-    training target, plus each user's first item (the input of the user's first training example)."""
-    feat = train_dataset.inter_feat
-    iid = train_dataset.iid_field
-    seq_f, len_f = iid + train_dataset.config["LIST_SUFFIX"], train_dataset.config["ITEM_LIST_LENGTH_FIELD"]
-    targets = feat[iid].numpy()
-    counts = np.bincount(targets, minlength=n_items)
-    if seq_f in feat and len_f in feat:
-        first = feat[seq_f][:, 0].numpy()[feat[len_f].numpy() == 1]
-        counts += np.bincount(first, minlength=n_items)
-    return counts[:n_items]
 
 
 @torch.no_grad()
@@ -134,7 +122,7 @@ def table_rows(results: Sequence[dict], dim: str, metric: str) -> tuple[list[str
 
 def markdown(results: Sequence[dict], metric: str) -> str:
     """The ``--breakdown`` tables: ``metric`` per bucket (test users in the bucket in brackets)."""
-    from recbole_iisan.quick_start.results import markdown_table
+    from recbole_iisan.utils.tables import markdown_table
 
     parts = []
     for dim in DIMENSIONS:

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from recbole_iisan.utils.errors import PluginConfigError
-from recbole_iisan.utils.files import config_get as _get
+from recbole_iisan.utils.files import setting
 
 logger = logging.getLogger()
 
 
 def fraction(config: Any) -> float:
-    f = _get(config, "cold_start_items", 0.0)
+    f = setting(config, "cold_start_items")
     f = 0.0 if f in (None, False) else f
     try:
         f = float(f)
@@ -47,10 +47,6 @@ def held_out_items(n_items: int, frac: float, seed: int) -> np.ndarray:
     n = int(round(frac * (n_items - 1)))
     rng = np.random.default_rng(int(seed))
     return np.sort(rng.choice(np.arange(1, n_items), size=n, replace=False))
-
-
-def _col(feat: Any, f: str) -> torch.Tensor:
-    return feat[f]
 
 
 def strip_training(dataset: Any, held: torch.Tensor) -> Any:

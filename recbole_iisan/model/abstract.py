@@ -21,71 +21,16 @@ from typing import Optional
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.model.layers import TransformerEncoder
 from recbole.utils import InputType
 from torch import nn
 
 from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.model.loss import (LOSS_POSITIONS, LOSS_TYPES, build_slots, full_softmax_loss,
                                       inbatch_softmax_loss, popularity_log_prob)
+from recbole_iisan.model.user_encoder import USER_ENCODER_INITS, USER_ENCODERS, build_transformer
+from recbole_iisan.utils.resources import trainable_parameters
 
 MIXED_PRECISION = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-USER_ENCODER_INITS = ("normal", "xavier")
-USER_ENCODERS = ("authors", "recbole")
-
-
-class AuthorsTransformer(nn.Module):
-    """The authors' user encoder blocks (iisan-method.md 3.6): post-LN, multi-head attention with
-    no Q/K/V/O biases, FFN d -> inner -> d with ReLU, LayerNorm eps ``layer_norm_eps``; attention
-    mask: causal and key padding (-1e9), on RIGHT-aligned (left-padded) sequences.
-
-    ``forward(x [B, L, d], real [B, L] bool)`` -> ``[B, L, d]``."""
-
-    def __init__(self, n_layers: int, n_heads: int, hidden_size: int, inner_size: int,
-                 hidden_dropout_prob: float, attn_dropout_prob: float, layer_norm_eps: float) -> None:
-        super().__init__()
-        if hidden_size % n_heads:
-            raise PluginConfigError(f"config key 'n_heads': {n_heads} does not divide embedding_size {hidden_size}")
-        self.n_heads = n_heads
-        self.blocks = nn.ModuleList()
-        for _ in range(n_layers):
-            block = nn.ModuleDict({
-                "q": nn.Linear(hidden_size, hidden_size, bias=False),
-                "k": nn.Linear(hidden_size, hidden_size, bias=False),
-                "v": nn.Linear(hidden_size, hidden_size, bias=False),
-                "o": nn.Linear(hidden_size, hidden_size, bias=False),
-                "attn_norm": nn.LayerNorm(hidden_size, eps=layer_norm_eps),
-                "ffn_in": nn.Linear(hidden_size, inner_size),
-                "ffn_out": nn.Linear(inner_size, hidden_size),
-                "ffn_norm": nn.LayerNorm(hidden_size, eps=layer_norm_eps),
-            })
-            self.blocks.append(block)
-        self.attn_dropout = nn.Dropout(attn_dropout_prob)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        B, L, d = x.shape
-        h = self.n_heads
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        allowed = causal[None, :, :] & real[:, None, :]  # [B, Lq, Lk]
-        bias = torch.zeros(B, 1, L, L, dtype=x.dtype, device=x.device).masked_fill(~allowed[:, None], -1e9)
-        for blk in self.blocks:
-            def heads(t):
-                return t.view(B, L, h, d // h).transpose(1, 2)  # [B, h, L, dk]
-            q, k, v = heads(blk["q"](x)), heads(blk["k"](x)), heads(blk["v"](x))
-            att = (q @ k.transpose(-1, -2)) / (d // h) ** 0.5 + bias
-            att = self.attn_dropout(torch.softmax(att, dim=-1))
-            ctx = (att @ v).transpose(1, 2).reshape(B, L, d)
-            x = blk["attn_norm"](x + self.dropout(blk["o"](ctx)))
-            x = blk["ffn_norm"](x + self.dropout(blk["ffn_out"](torch.relu(blk["ffn_in"](x)))))
-        return x
-
-
-def n_trainable(module: Optional[nn.Module]) -> int:
-    """Trainable parameters of a module (0 for None)."""
-    if module is None:
-        return 0
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def check_choice(key: str, value, allowed) -> None:
@@ -126,7 +71,7 @@ class SideNetworkRecommender(SequentialRecommender):
         self._build_user_encoder(config)
         # popularity correction of the in-batch loss: from the training targets (RecBole's
         # augmented prefixes), or, one window per user (paper protocol), from every item of the
-        # train sequences s[0:L-2] (iisan-method.md 1.8)
+        # train sequences s[0:L-2] (the authors' code, github.com/GAIR-Lab/IISAN)
         targets = dataset.inter_feat[self.ITEM_ID]
         targets = torch.as_tensor(targets.numpy() if hasattr(targets, "numpy") else targets)
         if getattr(dataset, "one_window_per_user", False):
@@ -159,36 +104,17 @@ class SideNetworkRecommender(SequentialRecommender):
 
     # ------------------------------------------------------------------ user encoder
     def _build_user_encoder(self, config) -> None:
+        """The user encoder: learned positions, a transformer (:func:`.user_encoder.build_transformer`:
+        the authors' or RecBole's SASRec blocks, ``user_encoder``), input LayerNorm and dropout,
+        initialised as the chosen encoder is (the authors': Xavier-normal; RecBole's: normal)."""
         self.user_encoder = str(config["user_encoder"])  # resolved from ~ by config.resolve_protocol
         check_choice("user_encoder", self.user_encoder, USER_ENCODERS)
-        self.user_encoder_init = str(config["user_encoder_init"])
-        self.initializer_range = float(config["initializer_range"])
+        self.user_encoder_init = "xavier" if self.user_encoder == "authors" else str(config["user_encoder_init"])
         check_choice("user_encoder_init", self.user_encoder_init, USER_ENCODER_INITS)
-        layer_norm_eps = float(config["layer_norm_eps"])
-        if self.user_encoder == "authors":
-            self.user_encoder_init = "xavier"  # the authors' init of every Linear and Embedding
-            self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
-            self.trm_encoder = AuthorsTransformer(
-                n_layers=int(config["n_layers"]), n_heads=int(config["n_heads"]), hidden_size=self.hidden_size,
-                inner_size=int(config["inner_size"]), hidden_dropout_prob=float(config["hidden_dropout_prob"]),
-                attn_dropout_prob=float(config["attn_dropout_prob"]), layer_norm_eps=layer_norm_eps)
-            self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=layer_norm_eps)
-            self.dropout = nn.Dropout(float(config["hidden_dropout_prob"]))
-            for module in self.user_encoder_modules():
-                module.apply(self._init_user_encoder)
-            return
+        self.initializer_range = float(config["initializer_range"])
         self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
-        self.trm_encoder = TransformerEncoder(
-            n_layers=int(config["n_layers"]),
-            n_heads=int(config["n_heads"]),
-            hidden_size=self.hidden_size,
-            inner_size=int(config["inner_size"]),
-            hidden_dropout_prob=float(config["hidden_dropout_prob"]),
-            attn_dropout_prob=float(config["attn_dropout_prob"]),
-            hidden_act=str(config["hidden_act"]),
-            layer_norm_eps=layer_norm_eps,
-        )
-        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=layer_norm_eps)
+        self.trm_encoder = build_transformer(self.user_encoder, config, self.hidden_size)
+        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=float(config["layer_norm_eps"]))
         self.dropout = nn.Dropout(float(config["hidden_dropout_prob"]))
         for module in self.user_encoder_modules():
             module.apply(self._init_user_encoder)
@@ -214,7 +140,7 @@ class SideNetworkRecommender(SequentialRecommender):
 
     def _autocast(self):
         dtype = MIXED_PRECISION[self.mixed_precision]
-        # evaluation always runs in fp32, as the authors' (iisan-method.md 5)
+        # evaluation always runs in fp32, as the authors' code does
         if dtype is None or self._device().type != "cuda" or not self.training:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=dtype)
@@ -363,8 +289,8 @@ class SideNetworkRecommender(SequentialRecommender):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per part."""
         counts = dict(self.item_side_counts())
-        counts["user encoder"] = sum(n_trainable(m) for m in self.user_encoder_modules())
-        counts["total"] = n_trainable(self)
+        counts["user encoder"] = trainable_parameters(*self.user_encoder_modules())
+        counts["total"] = trainable_parameters(self)
         return counts
 
     def item_side_counts(self) -> dict[str, int]:

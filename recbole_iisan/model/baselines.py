@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_iisan.utils.errors import PluginConfigError
-from recbole_iisan.model.abstract import MIXED_PRECISION, SideNetworkRecommender, n_trainable
+from recbole_iisan.model.abstract import MIXED_PRECISION, SideNetworkRecommender
+from recbole_iisan.utils.resources import trainable_parameters
 from recbole_iisan.model.adapters import insert_houlsby_adapters
 from recbole_iisan.model.states import Backbones
 
@@ -94,11 +95,11 @@ class IntraBaseline(SideNetworkRecommender):
 
     def item_side_counts(self) -> dict[str, int]:
         return {
-            f"{self.tower_a} backbone": sum(p.numel() for p in self._backbone_params(self.tower_a)),
-            f"{self.tower_b} backbone": sum(p.numel() for p in self._backbone_params(self.tower_b)),
-            "adapters": sum(p.numel() for p in self.peft_parameters() if p.requires_grad),
-            "heads": n_trainable(self.proj_a) + n_trainable(self.proj_b),
-            "fusion": n_trainable(self.fusion),
+            f"{self.tower_a} backbone": trainable_parameters(self._backbone_params(self.tower_a)),
+            f"{self.tower_b} backbone": trainable_parameters(self._backbone_params(self.tower_b)),
+            "adapters": trainable_parameters(self.peft_parameters()),
+            "heads": trainable_parameters(self.proj_a, self.proj_b),
+            "fusion": trainable_parameters(self.fusion),
         }
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from recbole_iisan.utils.errors import PluginConfigError
 from recbole_iisan.model.abstract import MIXED_PRECISION, SideNetworkRecommender, check_choice
-from recbole_iisan.model.layers import ACTIVATIONS, FUSIONS, HEAD_TYPES, MODALITIES, SideNetwork
+from recbole_iisan.model.layers import ACTIVATIONS, FUSIONS, HEAD_TYPES, MODALITIES, SideNetwork, SideNetworkConfig
 from recbole_iisan.model.states import Backbones, CachedStates, LiveStates
 
 LR_GROUPS = ("recsys", "text_sanb", "image_sanb", "image_head", "text_head")
@@ -36,13 +36,9 @@ class IISANBase(SideNetworkRecommender):
     properties = ("IISAN",)
 
     def _build_item_side(self, config, dataset) -> None:
-        head_type = str(config["head_type"])
-        modality = str(config["modality"])
-        fusion = str(config["fusion"])
-        activation = str(config["sanb_activation"]).lower()
-        for key, value, allowed in [("head_type", head_type, HEAD_TYPES), ("modality", modality, MODALITIES),
-                                    ("fusion", fusion, FUSIONS), ("sanb_activation", activation, ACTIVATIONS)]:
-            check_choice(key, value, allowed)
+        for key, allowed in [("head_type", HEAD_TYPES), ("modality", MODALITIES), ("fusion", FUSIONS),
+                             ("sanb_activation", ACTIVATIONS)]:
+            check_choice(key, str(config[key]).lower() if key == "sanb_activation" else str(config[key]), allowed)
         lrs = dict(config["iisan_lr"] or {})
         unknown = sorted(set(lrs) - set(LR_GROUPS))
         if unknown:
@@ -60,13 +56,10 @@ class IISANBase(SideNetworkRecommender):
         self.encoder_depths = self.states.depths
         (self.n_rows_a, self.dim_a), (self.n_rows_b, self.dim_b) = (self.states.shapes[t] for t in self.towers)
         self._validate_towers()
-        frozen = bool(config["frozen_backbone"])
-        if frozen and modality != "intra":
+        side = SideNetworkConfig.from_config(config, (self.n_rows_a, self.dim_a), (self.n_rows_b, self.dim_b))
+        if side.frozen_backbone and side.modality != "intra":
             self.logger.info("frozen_backbone: no side networks; fusing the two tower heads (modality ignored)")
-        inter_r = config["inter_sanb_size"]
-        self.side = SideNetwork(self.dim_a, self.n_rows_a, self.dim_b, self.n_rows_b, self.embedding_size,
-                                int(config["sanb_size"]), None if inter_r is None else int(inter_r), activation,
-                                head_type, modality, fusion, frozen)
+        self.side = SideNetwork(side)
         self._build_id_embedding(config, dataset)
 
     def _build_id_embedding(self, config, dataset) -> None:
@@ -77,7 +70,7 @@ class IISANBase(SideNetworkRecommender):
             return
         import torch
 
-        from recbole_iisan.evaluator.breakdown import training_frequency
+        from recbole_iisan.data.dataset import training_frequency
 
         seen = torch.as_tensor(training_frequency(dataset, self.n_items) > 0, dtype=torch.float32)
         self.id_embedding = nn.Embedding(self.n_items, self.embedding_size)

@@ -1,4 +1,6 @@
-"""Side-network building blocks of IISAN / IISAN-Versa (iisan-method.md section 3).
+"""Side-network building blocks of IISAN / IISAN-Versa: IISAN (Fu et al., SIGIR 2024,
+arXiv:2404.02059) Sec. 3 and IISAN-Versa (Fu et al., IEEE TKDE, arXiv:2411.02992) Sec. III, as the
+authors' public code (github.com/GAIR-Lab/IISAN, ``Code_Cached``) implements them.
 
 All modules here work on *cached* backbone hidden states: a tower's input is a tensor
 ``[M, n_rows, D]`` (M items, the hidden-state rows chosen by LayerDrop, width D).
@@ -14,10 +16,13 @@ All modules here work on *cached* backbone hidden states: a tower's input is a t
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from recbole_iisan.utils.resources import trainable_parameters
 
 GATE_TEMPERATURE = 0.1
 SANB_INIT_STD = 0.01
@@ -204,6 +209,44 @@ def make_inter_head(dim: int, d: int) -> TwoLayerHead:
 MODALITIES = ("intra_inter", "intra", "inter")
 
 
+@dataclass(frozen=True)
+class SideNetworkConfig:
+    """What a :class:`SideNetwork` is made of: the shapes of towers A's and B's states (``n_a``
+    rows of width ``dim_a``; ``n_b`` x ``dim_b``) and the IISAN keys of ``properties/IISAN.yaml``
+    (``embedding_size`` = d, ``sanb_size`` = r, ``inter_sanb_size`` (None: r),
+    ``sanb_activation``, ``head_type``, ``modality``, ``fusion``, ``frozen_backbone``)."""
+
+    dim_a: int
+    n_a: int
+    dim_b: int
+    n_b: int
+    embedding_size: int
+    sanb_size: int
+    inter_sanb_size: Optional[int]
+    sanb_activation: str
+    head_type: str
+    modality: str
+    fusion: str
+    frozen_backbone: bool
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("sanb_activation", ACTIVATIONS), ("head_type", HEAD_TYPES), ("modality", MODALITIES),
+                             ("fusion", FUSIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_config(cls, config: Any, shape_a: tuple[int, int], shape_b: tuple[int, int]) -> "SideNetworkConfig":
+        """From a RecBole config and the towers' ``(rows, width)``."""
+        inter = config["inter_sanb_size"]
+        return cls(dim_a=shape_a[1], n_a=shape_a[0], dim_b=shape_b[1], n_b=shape_b[0],
+                   embedding_size=int(config["embedding_size"]), sanb_size=int(config["sanb_size"]),
+                   inter_sanb_size=None if inter is None else int(inter),
+                   sanb_activation=str(config["sanb_activation"]).lower(), head_type=str(config["head_type"]),
+                   modality=str(config["modality"]), fusion=str(config["fusion"]),
+                   frozen_backbone=bool(config["frozen_backbone"]))
+
+
 class SideNetwork(nn.Module):
     """The whole IISAN item side on given backbone states: towers, heads and fusion.
 
@@ -217,14 +260,14 @@ class SideNetwork(nn.Module):
     Modules are created in the order intra A, intra B, head A, head B, inter, inter head, fusion.
     """
 
-    def __init__(self, dim_a: int, n_a: int, dim_b: int, n_b: int, d: int, sanb_size: int,
-                 inter_sanb_size: Optional[int] = None, activation: str = "relu", head_type: str = "symmetric",
-                 modality: str = "intra_inter", fusion: str = "gated", frozen_backbone: bool = False):
+    def __init__(self, cfg: SideNetworkConfig):
         super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(f"modality: expected one of {MODALITIES}, got {modality!r}")
+        self.config = cfg
+        dim_a, n_a, dim_b, n_b, d = cfg.dim_a, cfg.n_a, cfg.dim_b, cfg.n_b, cfg.embedding_size
+        sanb_size, activation, head_type = cfg.sanb_size, cfg.sanb_activation, cfg.head_type
+        modality, fusion = cfg.modality, cfg.fusion
         self.modality = modality
-        self.frozen_backbone = bool(frozen_backbone)
+        self.frozen_backbone = bool(cfg.frozen_backbone)
         self.intra_a = self.intra_b = self.inter = None
         self.head_a = self.head_b = self.head_inter = None
         if self.frozen_backbone:
@@ -240,7 +283,7 @@ class SideNetwork(nn.Module):
                 self.head_b = make_tower_head(head_type, dim_b, d, image_side=True)
                 n_parts += 2
             if modality in ("intra_inter", "inter"):
-                r_inter = int(inter_sanb_size) if inter_sanb_size is not None else sanb_size
+                r_inter = cfg.inter_sanb_size if cfg.inter_sanb_size is not None else sanb_size
                 self.inter = InterTower(dim_a, n_a, dim_b, n_b, r_inter, activation, fusion)
                 self.head_inter = make_inter_head(self.inter.dim, d)
                 n_parts += 1
@@ -277,9 +320,7 @@ class SideNetwork(nn.Module):
         }
 
     def part_counts(self, name_a: str, name_b: str) -> dict[str, int]:
-        def n(*modules) -> int:
-            return sum(p.numel() for m in modules if m is not None for p in m.parameters() if p.requires_grad)
-
+        n = trainable_parameters
         return {f"{name_a} tower": n(self.intra_a), f"{name_b} tower": n(self.intra_b), "inter tower": n(self.inter),
                 "heads": n(self.head_a, self.head_b, self.head_inter), "fusion": n(self.fusion)}
 

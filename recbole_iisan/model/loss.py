@@ -1,4 +1,6 @@
-"""IISAN's training loss on RecBole batches (iisan-method.md 4.1), vectorised.
+"""IISAN's training loss on RecBole batches, vectorised: the in-batch softmax with log-popularity
+correction of IISAN-Versa (Fu et al., IEEE TKDE, arXiv:2411.02992), Eqs. (6)-(7), as the authors'
+code computes it (github.com/GAIR-Lab/IISAN: the mean over active positions).
 
 A RecBole training batch holds, per sample b, the left-aligned input sequence ``item_seq[b]``
 (real items at positions ``0..len_b-1``, zeros after), ``item_seq_len[b]`` and the target

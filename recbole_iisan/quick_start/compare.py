@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from recbole_iisan.quick_start import results as report
+from recbole_iisan.quick_start import results
 from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.tables import write_csv
 from recbole_iisan.utils.files import atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
@@ -99,7 +100,7 @@ def seeds_of(config: Any, cli_seeds: Optional[list[int]]) -> list[int]:
 
 
 def run_paths(folder: Path, label: str, seed: int) -> dict[str, Path]:
-    name = report.result_name(label, seed)
+    name = results.result_name(label, seed)
     return {"result": folder / f"{name}.json", "checkpoint": folder / CHECKPOINTS / f"{name}.pth",
             "last": folder / CHECKPOINTS / f"{name}-last.pth"}
 
@@ -114,7 +115,7 @@ def _manifest(dataset: str, models: Sequence[str], seeds: Sequence[int], protoco
 
 def _check_folder(folder: Path, manifest: dict, resume: bool) -> None:
     """A folder holds one comparison: a different one there is refused in one line."""
-    path = folder / report.MANIFEST
+    path = folder / results.MANIFEST
     if not path.is_file():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
@@ -198,7 +199,7 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     for config in configs:  # bad names, types and metrics fail here, before anything runs
         prepare_inputs(config)
     (folder / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / report.MANIFEST, manifest)
+    atomic_write_json(folder / results.MANIFEST, manifest)
     runs = [(label, m, extra, s) for label, m, extra in entries for s in seeds]
     todo = [r for r in runs if not run_paths(folder, r[0], r[3])["result"].is_file()]
     if len(todo) < len(runs):
@@ -206,15 +207,15 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     errors = _run_all(todo, dataset, config_files, config_dict, overrides, folder, jobs)
     if len(errors) == len(runs):
         return 1
-    summary = report.summarize(folder)
-    table = report.render(summary)
+    summary = results.summarize(folder)
+    table = results.render(summary)
     atomic_write_text(folder / "compare.md", table + "\n")
-    rows, columns = report.csv_rows(summary)
-    report.write_csv(folder / "compare.csv", rows, columns)
+    rows, columns = results.csv_rows(summary)
+    write_csv(folder / "compare.csv", rows, columns)
     if compare_file:
-        report.write_csv(compare_file, rows, columns)
+        write_csv(compare_file, rows, columns)
     print(f"\n{dataset}, {protocol}, test split (best validation epoch):\n{table}\n\nwritten to {folder}")
-    warning = report.targets_warning(summary)
+    warning = results.targets_warning(summary)
     if warning:
         print(warning)
     at_cap = [f"{r['model']} ({r['at_cap']} of {r['n_runs']})" for r in summary["rows"] if r["at_cap"]]
@@ -223,10 +224,10 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     if breakdown:
         from recbole_iisan.evaluator import breakdown as bd
 
-        results = [json.loads(run_paths(folder, m, seeds[0])["result"].read_text()) for m in models
-                   if run_paths(folder, m, seeds[0])["result"].is_file()]
+        first_seed = [json.loads(run_paths(folder, m, seeds[0])["result"].read_text()) for m in models
+                      if run_paths(folder, m, seeds[0])["result"].is_file()]
         metric = f"{str(configs[0]['metrics'][0]).lower()}@{max(configs[0]['topk'])}"
         png_path = os.path.splitext(compare_file)[0] + "-breakdown.png" if compare_file else str(folder / "breakdown.png")
-        png = bd.plot(results, metric, png_path)
-        print(f"\n{bd.markdown(results, metric)}\n\nbreakdown plot: {png}")
+        png = bd.plot(first_seed, metric, png_path)
+        print(f"\n{bd.markdown(first_seed, metric)}\n\nbreakdown plot: {png}")
     return 0 if not errors else 1

@@ -1,78 +1,35 @@
-"""Reporting: a run's peak memory, result files, comparison tables, gate values and TPME.
+"""A run's result files and the comparison table of a folder of them.
 
-    python -m recbole_iisan.quick_start.results DIR [--baseline=MODEL] [--csv=PATH]
+    python -m recbole_iisan.report DIR [--baseline=MODEL] [--csv=PATH]
+    python -m recbole_iisan.report --docs README.md docs/*.md
 
 prints the markdown table of a folder of result files (one ``<Model>-seed<seed>.json`` per run and
 its ``.users.csv``, as ``--compare`` / ``--seeds`` write them): per model, the test metrics as
 mean +- std over seeds, the difference of the selection metric against the first model with its
-paired bootstrap interval, the paired test's Holm-corrected p-value, the training targets per
-epoch, seconds per epoch, peak memory and epochs to best, with a mark on runs that were still
-improving at their epoch cap. Every results table of the documentation is such a render
-(``tests/test_docs_tables.py`` re-renders them from the committed folders).
+paired bootstrap interval, the paired test's Holm-corrected p-value
+(:mod:`recbole_iisan.evaluator.significance`), the training targets per epoch, seconds per epoch,
+peak memory and the best epochs, with a mark on runs that were still improving at their epoch cap.
+Every results table of the documentation is such a render, kept between markers
+(``<!-- report FOLDER -->``, ``<!-- include FILE -->``); ``--docs`` refreshes them and
+``tests/test_docs_tables.py`` re-renders them from the committed folders.
 
-One module for everything a run writes or prints besides RecBole's logs:
-
-- :func:`peak_memory`: the *calling process's own* peak memory: ``VmHWM`` from
-  ``/proc/self/status`` on Linux (``ru_maxrss`` survives ``exec``: a child started by a parent at
-  1.5 GB reads 1.5 GB there), plus CUDA's max allocated / reserved on a GPU;
-- :func:`metric_keys` and :func:`compare_rows`: table columns from the configured ``metrics`` x
-  ``topk`` (``--topk=[20]`` gives Hit@20 / NDCG@20 columns);
-- :func:`markdown_table`, :func:`write_csv`, :func:`write_result`: tables and atomic,
-  strict-JSON writes (``recbole_iisan.utils.files``);
-- :func:`tpme`: the paper's efficiency score (SIGIR'24 Eqs. 6-10).
+Also here: :func:`write_result` (a run's strict-JSON result, atomic), :func:`metric_keys` (table
+columns from ``metrics`` x ``topk``) and :func:`format_gates`.
 """
 from __future__ import annotations
 
-import csv
-import io
-import resource
+import re
 import sys
 from typing import Any, Optional, Sequence
 
 from recbole_iisan.utils.files import PathLike, atomic_write_json, atomic_write_text
-
-TPME_WEIGHTS = (0.45, 0.10, 0.45)
+from recbole_iisan.utils.resources import peak_megabytes
+from recbole_iisan.utils.tables import markdown_table, write_csv
 
 # RecBole's metric class names -> their display names in tables
 _DISPLAY = {"hit": "Hit", "ndcg": "NDCG", "mrr": "MRR", "recall": "Recall", "precision": "Precision",
             "map": "MAP", "itemcoverage": "ItemCoverage", "averagepopularity": "AveragePopularity",
             "giniindex": "GiniIndex", "shannonentropy": "ShannonEntropy", "tailpercentage": "TailPercentage"}
-
-
-# --------------------------------------------------------------------------------------------
-# memory
-
-def _proc_status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def peak_memory(device: Any = None) -> dict[str, int]:
-    """Peak memory of THIS process, in bytes: ``peak_rss`` (``VmHWM``; ``ru_maxrss`` where there is
-    no ``/proc``), and on CUDA ``cuda_max_allocated`` / ``cuda_max_reserved``."""
-    kib = _proc_status_kib("VmHWM")
-    if kib is None:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if sys.platform == "darwin":
-            kib //= 1024  # bytes there
-    out = {"peak_rss": int(kib) * 1024}
-    if device is not None and getattr(device, "type", str(device)) == "cuda":
-        import torch
-
-        out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(device))
-        out["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved(device))
-    return out
-
-
-def peak_megabytes(mem: dict) -> float:
-    """The figure a table shows: CUDA max allocated on a GPU, else the process peak RSS."""
-    return mem.get("cuda_max_allocated", mem.get("peak_rss", 0)) / 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,52 +45,6 @@ def metric_keys(metrics: Sequence[str], topk: Sequence[int]) -> list[tuple[str, 
     return out
 
 
-def compare_columns(metrics: Sequence[str], topk: Sequence[int]) -> list[str]:
-    return (["model"] + [f"test {title}" for _, title in metric_keys(metrics, topk)]
-            + ["trainable params", "train s/epoch", "peak memory MB", "epochs to best", "epochs run"])
-
-
-def compare_rows(results: Sequence[dict], metrics: Sequence[str], topk: Sequence[int]) -> list[dict]:
-    """One row per run result (see ``quick_start.run``); a failed run shows its error."""
-    keys = metric_keys(metrics, topk)
-    rows = []
-    for r in results:
-        if "error" in r:
-            rows.append({"model": r["model"], f"test {keys[0][1]}": "failed: " + str(r["error"])[:80]})
-            continue
-        test = r.get("test_result") or {}
-        row = {"model": r["model"]}
-        for key, title in keys:
-            v = test.get(key)
-            row[f"test {title}"] = f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
-        sec = r.get("train_seconds_per_epoch")
-        row.update({
-            "trainable params": f"{r['trainable_parameters']:,}",
-            "train s/epoch": f"{sec:.2f}" if isinstance(sec, (int, float)) else "n/a",
-            "peak memory MB": f"{peak_megabytes(r['peak_memory']):.0f}",
-            "epochs to best": str(r["best_epoch"]),
-            "epochs run": str(r["epochs_run"]),
-        })
-        rows.append(row)
-    return rows
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A GitHub-flavoured markdown table (``tabulate``, ``github`` format: aligned columns)."""
-    from tabulate import tabulate
-
-    return tabulate([[str(row.get(c, "")) for c in columns] for row in rows], headers=list(columns),
-                    tablefmt="github", disable_numparse=True)
-
-
-def write_csv(path: PathLike, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def write_result(path: PathLike, result: dict) -> None:
     """A run's result dict as strict JSON (no NaN / Infinity), written atomically."""
     atomic_write_json(path, result)
@@ -141,21 +52,6 @@ def write_result(path: PathLike, result: dict) -> None:
 
 def format_gates(gates: dict) -> str:
     return "; ".join(f"{k}: " + ", ".join(f"{v:.3f}" for v in vals) for k, vals in gates.items())
-
-
-# --------------------------------------------------------------------------------------------
-# TPME
-
-def _minmax(xs):
-    lo, hi = min(xs), max(xs)
-    return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in xs]
-
-
-def tpme(times, params, memory, weights=TPME_WEIGHTS):
-    """TPME per method (SIGIR'24 Eqs. 6-10): min-max normalise each quantity over the compared
-    methods, then ``0.45 t + 0.10 p + 0.45 m``. Lower is better; a quantity with no spread adds 0."""
-    a1, a2, a3 = weights
-    return [a1 * t + a2 * p + a3 * m for t, p, m in zip(_minmax(times), _minmax(params), _minmax(memory))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,11 +309,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recbole_iisan.quick_start.results",
                                 description="The comparison table of a folder of result files (mean ± std over "
                                             "seeds, paired bootstrap interval, Holm-corrected paired test).")
-    p.add_argument("folder", help="a results folder written by --compare / --seeds (one JSON + .users.csv per run)")
+    p.add_argument("folder", nargs="?", help="a results folder written by --compare / --seeds (one JSON + .users.csv per run)")
+    p.add_argument("--docs", nargs="+", default=None, metavar="PAGE",
+                   help="instead: re-render every <!-- report FOLDER --> / <!-- include FILE --> block of these "
+                        "markdown pages in place (paths relative to the current folder)")
     p.add_argument("--baseline", default=None, help="the model the others are compared with (default: the first of the comparison)")
     p.add_argument("--csv", default=None, help="also write the numbers as CSV here")
     p.add_argument("--significance_test", default=None, choices=["ttest", "wilcoxon"])
     args = p.parse_args(argv)
+    if args.docs:
+        for page in update_docs(args.docs):
+            print(f"updated {page}")
+        return 0
+    if not args.folder:
+        p.error("give a results folder (or --docs PAGE ...)")
     try:
         summary = summarize(args.folder, args.baseline, {"significance_test": args.significance_test})
         print(render(summary))
@@ -435,3 +340,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------------
+# the documentation's tables: renders kept between markers
+
+DOC_BLOCK = re.compile(r"(<!-- (report|include) ([^>]*?) -->\n)(.*?)(<!-- /\2 -->)", re.S)
+
+
+def render_block(kind: str, args: str, root: PathLike = ".") -> Optional[str]:
+    """The content of a documentation block from the committed files, relative to ``root``:
+    ``report FOLDER [--baseline=MODEL]`` -> :func:`render` of the folder; ``include FILE`` -> the
+    file verbatim. None when the folder has no results (or the file does not exist) yet."""
+    import shlex
+    from pathlib import Path
+
+    argv = shlex.split(args)
+    target = Path(root) / argv[0]
+    if kind == "include":
+        return target.read_text(encoding="utf-8") if target.is_file() else None
+    if not target.is_dir() or not any(target.glob("*-seed*.json")):
+        return None
+    baseline = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--baseline=")), None)
+    return render(summarize(target, baseline)) + "\n"
+
+
+def update_docs(pages: Sequence[PathLike], root: PathLike = ".") -> list[str]:
+    """Re-render every ``<!-- report ... -->`` / ``<!-- include ... -->`` block of ``pages`` in
+    place (atomic writes); returns the pages that changed."""
+    from pathlib import Path
+
+    changed = []
+    for page in pages:
+        text = Path(page).read_text(encoding="utf-8")
+
+        def fill(m: "re.Match") -> str:
+            body = render_block(m.group(2), m.group(3), root)
+            return m.group(1) + ("" if body is None else body.rstrip("\n") + "\n") + m.group(5)
+
+        new = DOC_BLOCK.sub(fill, text)
+        if new != text:
+            atomic_write_text(page, new)
+            changed.append(str(page))
+    return changed

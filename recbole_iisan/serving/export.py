@@ -32,17 +32,16 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from recbole_iisan.utils.errors import PluginConfigError
-from recbole_iisan.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from recbole_iisan.utils.files import PathLike, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger()
-PathLike = Union[str, Path]
 
 
 class ContentUserEncoder(nn.Module):

@@ -22,15 +22,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from recbole_iisan.utils.errors import PluginConfigError
+from recbole_iisan.utils.files import PathLike
 
 logger = logging.getLogger()
-PathLike = Union[str, Path]
 
 
 TITLE_FIELDS = ("title", "movie_title", "name")

@@ -21,7 +21,6 @@ removed. Works for the plugin's models and for RecBole's sequential models (SASR
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -30,10 +29,9 @@ import numpy as np
 import torch
 
 from recbole_iisan.utils.errors import CheckpointError, PluginConfigError
+from recbole_iisan.utils.files import PathLike
 
-logger = logging.getLogger()
 
-PathLike = Union[str, Path]
 
 
 @dataclass

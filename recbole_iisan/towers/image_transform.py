@@ -154,10 +154,6 @@ class ImageTransform:
         self.processor = processor
         self.backend = backend
 
-    @property
-    def identity(self) -> str:
-        return preprocessing_identity(self.backend)
-
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
         if self.processor is None:
             return paper_transform(images)

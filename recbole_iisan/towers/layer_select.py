@@ -1,6 +1,7 @@
 """LayerDrop: which hidden states of each frozen encoder the side networks read.
 
-Conventions (as the authors' code, see iisan-method.md 3.2):
+Conventions (as the authors' code, github.com/GAIR-Lab/IISAN; IISAN-Versa, arXiv:2411.02992,
+Sec. III and Eq. (5) for group LayerDrop):
 - *block* indices are 0-based transformer blocks; *hidden-state* index = block index + 1;
   hidden state 0 is the embedding-layer output.
 - With ``include_embedding_state`` (the authors' default, ``remove_first=None``) hidden state 0

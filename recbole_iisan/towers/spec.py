@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from recbole_iisan.towers.image_transform import IMAGE_BACKENDS
-from recbole_iisan.utils.files import config_get as _get
+from recbole_iisan.utils.files import optional, setting
 
 POOLINGS = ("auto", "cls", "mean", "last", "mean_unmasked")
 DEFAULT_TITLE_FIELDS = ("title", "movie_title")
@@ -54,60 +54,61 @@ def tower_specs(config: Mapping, item_fields: list[str] | None = None) -> list[T
     found (``title`` for prepared Amazon data, ``movie_title`` for ml-100k) and unknown fields be
     reported by name.
     """
-    names = _get(config, "towers", ["text", "image"])
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = _tower_names(config)
     if len(names) != 2 or len(set(names)) != 2:
         raise TowerConfigError(f"config key 'towers': expected two different tower names, got {names!r}")
-    default_len = int(_get(config, "text_max_length", 30))
-    specs = []
-    for name in names:
-        encoder = _get(config, f"{name}_encoder")
-        if not encoder:
-            raise TowerConfigError(
-                f"config key '{name}_encoder' is not set: give a Hugging Face name or a local path "
-                f"for tower '{name}'"
-            )
-        pooling = str(_get(config, f"{name}_pooling", "auto"))
-        if pooling not in POOLINGS:
-            raise TowerConfigError(f"config key '{name}_pooling': expected one of {POOLINGS}, got {pooling!r}")
-        if name == "image":
-            backend = str(_get(config, "image_backend", "auto"))
-            if backend not in IMAGE_BACKENDS:
-                raise TowerConfigError(f"config key 'image_backend': expected one of {IMAGE_BACKENDS}, got {backend!r}")
-            specs.append(TowerSpec(name, "image", str(encoder), pooling=pooling, extra={"image_backend": backend}))
-            continue
-        fields = _get(config, f"{name}_fields")
-        if fields is None:
-            found = [f for f in DEFAULT_TITLE_FIELDS if item_fields is None or f in item_fields]
-            if not found:
-                raise TowerConfigError(
-                    f"config key '{name}_fields' is not set and the item file has no title field "
-                    f"(it has {item_fields})"
-                )
-            fields = [found[0]]
-        if isinstance(fields, str):
-            fields = [f.strip() for f in fields.split(",") if f.strip()]
-        if item_fields is not None:
-            missing = [f for f in fields if f not in item_fields]
-            if missing:
-                raise TowerConfigError(
-                    f"config key '{name}_fields': {missing} not in the item file (it has {item_fields})"
-                )
-        max_length = int(_get(config, f"{name}_max_length", default_len))
-        specs.append(TowerSpec(name, "text", str(encoder), tuple(fields), max_length, pooling))
-    return specs
+    return [_tower_spec(config, name, item_fields) for name in names]
+
+
+def _tower_names(config: Mapping) -> list[str]:
+    names = setting(config, "towers")
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    return list(names or [])
+
+
+def _per_tower(config: Mapping, name: str, suffix: str, fallback: str) -> Any:
+    """``<tower><suffix>`` (``text2_pooling``), else the yaml's key for every tower (``pooling``)."""
+    value = optional(config, f"{name}{suffix}")
+    return setting(config, fallback) if value is None else value
+
+
+def _tower_spec(config: Mapping, name: str, item_fields: list[str] | None) -> TowerSpec:
+    encoder = optional(config, f"{name}_encoder")
+    if not encoder:
+        raise TowerConfigError(f"config key '{name}_encoder' is not set: give a Hugging Face name or a local path "
+                               f"for tower '{name}'")
+    pooling = str(_per_tower(config, name, "_pooling", "pooling"))
+    if pooling not in POOLINGS:
+        raise TowerConfigError(f"config key '{name}_pooling': expected one of {POOLINGS}, got {pooling!r}")
+    if name == "image":
+        backend = str(setting(config, "image_backend"))
+        if backend not in IMAGE_BACKENDS:
+            raise TowerConfigError(f"config key 'image_backend': expected one of {IMAGE_BACKENDS}, got {backend!r}")
+        return TowerSpec(name, "image", str(encoder), pooling=pooling, extra={"image_backend": backend})
+    fields = optional(config, f"{name}_fields")
+    if fields is None:
+        found = [f for f in DEFAULT_TITLE_FIELDS if item_fields is None or f in item_fields]
+        if not found:
+            raise TowerConfigError(f"config key '{name}_fields' is not set and the item file has no title field "
+                                   f"(it has {item_fields})")
+        fields = [found[0]]
+    if isinstance(fields, str):
+        fields = [f.strip() for f in fields.split(",") if f.strip()]
+    if item_fields is not None:
+        missing = [f for f in fields if f not in item_fields]
+        if missing:
+            raise TowerConfigError(f"config key '{name}_fields': {missing} not in the item file (it has {item_fields})")
+    max_length = int(_per_tower(config, name, "_max_length", "text_max_length"))
+    return TowerSpec(name, "text", str(encoder), tuple(fields), max_length, pooling)
 
 
 def resolve_towers(config: Any) -> list[str]:
     """Apply the one rule that changes the towers: with ``image_dir`` set and no ``image`` tower
     configured, the second tower becomes the image tower (``--image_dir`` turns a two-text-tower
     default into text + image). Works on a RecBole Config or a dict; returns the tower names."""
-    names = _get(config, "towers", ["text", "image"])
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    names = list(names)
-    if _get(config, "image_dir") and "image" not in names and len(names) == 2:
+    names = _tower_names(config)
+    if setting(config, "image_dir") and "image" not in names and len(names) == 2:
         import logging
 
         logging.getLogger().info(f"image_dir is set: towers {names} -> {[names[0], 'image']}")

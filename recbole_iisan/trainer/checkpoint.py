@@ -25,15 +25,14 @@ import io
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from recbole_iisan.utils.errors import is_disk_full
 from recbole_iisan.utils.errors import CheckpointError
-from recbole_iisan.utils.files import atomic_write_bytes
+from recbole_iisan.utils.files import PathLike, atomic_write_bytes
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 HISTORY_KEY = "plugin_history"
 REQUIRED_KEYS = ("epoch", "state_dict")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from recbole_iisan.utils.errors import PluginConfigError
-from recbole_iisan.quick_start.results import markdown_table, write_csv
+from recbole_iisan.utils.tables import markdown_table, write_csv
 from recbole_iisan.utils.files import atomic_write_text
 from recbole_iisan.utils.files import config_get as _cfg
 

@@ -35,15 +35,24 @@ def bundled_dataset_dir(dataset: str, data_path: PathLike) -> Path | None:
     return Path(spec.origin).parent / "dataset_example" / dataset if spec and spec.origin else None
 
 
-def config_get(config: Any, key: str, default: Any = None) -> Any:
-    """``config[key]``, or ``default`` when the key is absent or ``None``.
+def optional(config: Any, key: str) -> Any:
+    """``config[key]``, or None when absent: for the per-tower keys (``text2_pooling``), which exist
+    only for the towers a user names and fall back to a yaml key (``pooling``)."""
+    return config[key] if key in getattr(config, "final_config_dict", config) else None
 
-    Works on a RecBole ``Config`` and on a plain dict alike."""
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
+
+def setting(config: Any, key: str) -> Any:
+    """``config[key]`` of a key whose default lives in the plugin's yaml files (``properties/``):
+    one clear line when it is absent (a config not built by ``build_config``), instead of a
+    second default here. Works on a RecBole ``Config`` (which answers None for any absent key)
+    and on a plain dict alike."""
+    present = key in getattr(config, "final_config_dict", config)
+    if not present:
+        from recbole_iisan.utils.errors import PluginConfigError
+
+        raise PluginConfigError(f"config key '{key}' is not set: its default lives in the plugin's yaml files "
+                                f"(properties/); build the config with recbole_iisan.config.build_config")
+    return config[key]
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
@@ -102,3 +111,13 @@ def cli_logging(quiet: bool = False) -> None:
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%d %b %H:%M", stream=sys.stdout)
+
+
+def config_get(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]``, or ``default`` when the key is absent or ``None``. (Being replaced by
+    :func:`setting`: defaults live in the yaml files.)"""
+    try:
+        value = config[key]
+    except KeyError:
+        return default
+    return default if value is None else value
