@@ -59,7 +59,9 @@ def test_pil_bytes_path_equals_the_processor_on_pil_images() -> None:
 
 
 def test_backend_key_and_resolution() -> None:
-    cfg = {"towers": ["text", "image"], "text_encoder": "x", "image_encoder": "y", "image_backend": "opencv"}
+    from conftest import plugin_defaults
+
+    cfg = dict(plugin_defaults(), towers=["text", "image"], text_encoder="x", image_encoder="y", image_backend="opencv")
     with pytest.raises(TowerConfigError, match="image_backend.*'opencv'"):
         tower_specs(cfg, ["title"])
     cfg["image_backend"] = "pil"

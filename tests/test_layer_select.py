@@ -55,4 +55,4 @@ def test_from_config_frozen_backbone_and_overrides() -> None:
 def test_image_dir_turns_the_second_text_tower_into_the_image_tower() -> None:
     cfg = {"towers": ["text", "text2"], "image_dir": "/posters"}
     assert resolve_towers(cfg) == ["text", "image"] and cfg["towers"] == ["text", "image"]
-    assert resolve_towers({"towers": ["text", "text2"]}) == ["text", "text2"]
+    assert resolve_towers({"towers": ["text", "text2"], "image_dir": None}) == ["text", "text2"]

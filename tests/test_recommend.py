@@ -141,7 +141,10 @@ def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
     write_tiny_dataset(data2)
     with open(data2 / "tiny" / "tiny.item", "a") as f:
         f.writelines(f"{i}\t{t}\n" for i, t in items)
-    cfg = dict(trained["config_dict"], data_path=str(data2), cache_dir=str(tmp_path / "cache2"), dataset="tiny")
+    from conftest import plugin_defaults
+
+    cfg = {**plugin_defaults(), **trained["config_dict"], "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
+           "dataset": "tiny"}
     folders = cache_mod.ensure_caches(cfg)
     model = run.model
     rebuilt = []
