@@ -264,60 +264,17 @@ def import_images(source: PathLike, store_path: PathLike,
 
 def _build(src: _Source, store: Path, tokens: Optional[List[str]], fingerprint: dict,
            digest: Optional[str], progress: bool) -> ImageImportReport:
+    """Import ``src`` into a new LMDB store beside ``store``, then swap it in atomically."""
     report = ImageImportReport(source=str(src.path), store_path=str(store), n_files=len(src.entries),
                                n_items=None if tokens is None else len(tokens))
-    wanted = None if tokens is None else set(tokens)
-    todo: List[Tuple[str, str]] = []
-    seen = set()
-    for token, name in src.entries:
-        if wanted is not None and token not in wanted:
-            report.extra += 1
-        elif token in seen or token.encode("utf-8", "surrogatepass") == META_KEY:
-            report.duplicates += 1
-        else:
-            seen.add(token)
-            todo.append((token, name))
-
+    todo = _select_entries(src, tokens, report)
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.parent / f".{store.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    env = lmdb.open(str(tmp), map_size=MAP_SIZE, subdir=True, readahead=False,
-                    metasync=False, sync=False)
-    stored = set()
+    env = lmdb.open(str(tmp), map_size=MAP_SIZE, subdir=True, readahead=False, metasync=False, sync=False)
     try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"images -> {store.name}", unit="img",
-                   disable=not progress, leave=False)
-        workers = max(1, min(4, os.cpu_count() or 1))
-        txn = env.begin(write=True)
-        pending = 0
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(todo), _VERIFY_BATCH):
-                batch = todo[start:start + _VERIFY_BATCH]
-                datas = []
-                for token, name in batch:
-                    try:
-                        datas.append(src.read(name))
-                    except _ZIP_ERRORS + (RuntimeError,) as exc:
-                        datas.append(exc)  # recorded as unreadable, like a file PIL cannot decode
-                reasons = pool.map(lambda d: d if isinstance(d, Exception) else _verify(d), datas)
-                for (token, _), data, why in zip(batch, datas, reasons):
-                    if isinstance(why, Exception):
-                        why = f"cannot read: {type(why).__name__}: {why}"
-                    if why is not None:
-                        report.unreadable.append((token, why))
-                    else:
-                        txn.put(token.encode("utf-8", "surrogatepass"), data)
-                        stored.add(token)
-                        pending += 1
-                    if pending >= _COMMIT_EVERY:
-                        txn.commit()
-                        txn = env.begin(write=True)
-                        pending = 0
-                bar.update(len(batch))
-        bar.close()
+        stored, txn = _import_entries(src, todo, env, report, progress, store.name)
         report.n_stored = len(stored)
         if tokens is not None:
             bad = {u for u, _ in report.unreadable}
@@ -344,6 +301,60 @@ def _build(src: _Source, store: Path, tokens: Optional[List[str]], fingerprint: 
         os.replace(tmp, store)
     logger.info(report.summary())
     return report
+
+
+def _select_entries(src: _Source, tokens: Optional[List[str]], report: ImageImportReport) -> List[Tuple[str, str]]:
+    """The source's files to import: one per wanted item (extra files and duplicates counted)."""
+    wanted = None if tokens is None else set(tokens)
+    todo: List[Tuple[str, str]] = []
+    seen = set()
+    for token, name in src.entries:
+        if wanted is not None and token not in wanted:
+            report.extra += 1
+        elif token in seen or token.encode("utf-8", "surrogatepass") == META_KEY:
+            report.duplicates += 1
+        else:
+            seen.add(token)
+            todo.append((token, name))
+    return todo
+
+
+def _import_entries(src: _Source, todo: List[Tuple[str, str]], env, report: ImageImportReport, progress: bool,
+                    name: str):
+    """Read and verify the files (threads decode), store the readable ones, record the others;
+    returns ``(stored tokens, the open write transaction)``."""
+    from tqdm.auto import tqdm
+
+    stored = set()
+    bar = tqdm(total=len(todo), desc=f"images -> {name}", unit="img", disable=not progress, leave=False)
+    txn = env.begin(write=True)
+    pending = 0
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(todo), _VERIFY_BATCH):
+            batch = todo[start:start + _VERIFY_BATCH]
+            datas = []
+            for _, file_name in batch:
+                try:
+                    datas.append(src.read(file_name))
+                except _ZIP_ERRORS + (RuntimeError,) as exc:
+                    datas.append(exc)  # recorded as unreadable, like a file PIL cannot decode
+            reasons = pool.map(lambda d: d if isinstance(d, Exception) else _verify(d), datas)
+            for (token, _), data, why in zip(batch, datas, reasons):
+                if isinstance(why, Exception):
+                    why = f"cannot read: {type(why).__name__}: {why}"
+                if why is not None:
+                    report.unreadable.append((token, why))
+                    continue
+                txn.put(token.encode("utf-8", "surrogatepass"), data)
+                stored.add(token)
+                pending += 1
+                if pending >= _COMMIT_EVERY:
+                    txn.commit()
+                    txn = env.begin(write=True)
+                    pending = 0
+            bar.update(len(batch))
+    bar.close()
+    return stored, txn
 
 
 # --------------------------------------------------------------------------------------------
