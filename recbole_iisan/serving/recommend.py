@@ -204,7 +204,7 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
     config["show_progress"] = False
     for k, v in (overrides or {}).items():
         config[k] = v
-    from recbole_iisan.config.configurator import resolve_protocol
+    from recbole_iisan.config.protocol import resolve_protocol
 
     resolve_protocol(config)  # a checkpoint of an older version may hold the protocol's automatic values
     init_seed(config["seed"], config["reproducibility"])
