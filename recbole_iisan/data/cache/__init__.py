@@ -13,8 +13,9 @@ One module a job, imports pointing one way (``layout`` and ``paths`` import no o
 * ``identity`` (<- layout): the identity record whose digest names a folder.
 * ``integrity`` (<- layout, identity): the checks before a folder is trusted; ``verify_cache``.
 * ``load`` (<- layout, integrity): ``load_states``, rows of a complete cache as one tensor.
+* ``reuse`` (<- layout, integrity): before a build, reuse a folder, resume it or clear it.
 * ``workers`` (<- layout): who encodes the batches (this process, local processes, Ray actors).
-* ``build`` (<- all above): ``ensure_cache`` and ``ensure_caches``, build, reuse or resume.
+* ``build`` (<- all above): ``ensure_cache`` (one tower) and ``ensure_caches`` (a config's towers).
 * ``storage`` (<- layout, load): how a model holds the states (in memory or memory-mapped).
 
 This package re-exports the API the rest of the plugin uses; the modules say the details.

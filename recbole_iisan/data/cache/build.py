@@ -48,8 +48,8 @@ class _Settings:
     policy: str  # cache_rebuild
     batch_size: int  # encoder_batch_size
     shards: int  # cache_shards
-    device: str
-    ray_address: Any
+    device: Any  # a str, or RecBole's torch.device
+    ray_address: Any  # None: local worker processes
 
 
 def _shards(config: Mapping) -> int:

@@ -71,7 +71,7 @@ def _explain_others(root: Path, prefix: str, ident: Mapping[str, Any], target: P
 
 
 def prepare_folder(folder: Path, prefix: str, ident: Mapping[str, Any], layers: list[int], policy: str,
-                tower: str) -> list[int] | None:
+                   tower: str) -> list[int] | None:
     """None when ``folder`` is complete and covers ``layers`` (reuse it); else the layers to store,
     with the folder created (a damaged, stale or foreign one removed first)."""
     store_layers = layers
