@@ -1,8 +1,10 @@
 """The hidden-state cache: each frozen encoder runs once over every item of the dataset's ``.item``
-file; the pooled states of the hidden states the model reads are kept in an LMDB store, so that
-training IISAN reads them instead of running the backbones (the caching strategy of "IISAN:
-Efficiently Adapting Multimodal Representation for Sequential Recommendation with Decoupled
-PEFT", SIGIR 2024, arXiv:2404.02059, and of IISAN-Versa, IEEE TKDE, arXiv:2411.02992).
+file; the pooled states of the hidden states the model reads are kept in an LMDB store. The
+decoupled PEFT of IISAN keeps the backbones out of the trained path, so their hidden states do not
+change while training and are read from here instead of recomputed ("IISAN: Efficiently Adapting
+Multimodal Representation for Sequential Recommendation with Decoupled PEFT", SIGIR 2024,
+arXiv:2404.02059; IISAN-Versa, "Efficient and Effective Adaptation of Multimodal Foundation
+Models in Sequential Recommendation", IEEE TKDE, arXiv:2411.02992).
 
 One module a job, imports pointing one way (``layout`` and ``paths`` import no other module here):
 
@@ -15,7 +17,7 @@ One module a job, imports pointing one way (``layout`` and ``paths`` import no o
 * ``load`` (<- layout, integrity): ``load_states``, rows of a complete cache as one tensor.
 * ``reuse`` (<- layout, integrity): before a build, reuse a folder, resume it or clear it.
 * ``workers`` (<- layout): who encodes the batches (this process, local processes, Ray actors).
-* ``build`` (<- all above): ``ensure_cache`` (one tower) and ``ensure_caches`` (a config's towers).
+* ``build`` (<- all but load): ``ensure_cache`` (one tower) and ``ensure_caches`` (a config's towers).
 * ``storage`` (<- layout, load): how a model holds the states (in memory or memory-mapped).
 
 This package re-exports the API the rest of the plugin uses; the modules say the details.
