@@ -48,12 +48,10 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b,
 }
 
-#: keys RecBole sets or reads from ``config_dict`` without documenting them in its yaml files, and
-#: keys the plugin reads that are not in ``properties/*.yaml`` yet
+#: keys RecBole sets or reads from ``config_dict`` without documenting them in its yaml files
 INTERNAL_KEYS = frozenset({
     "model", "dataset", "MODEL_TYPE", "MODEL_INPUT_TYPE", "device", "single_spec", "local_rank",
     "world_size", "ip", "port", "nproc", "offset", "eval_type", "valid_metric_bigger",
-    "cache_layers", "cache_rebuild", "encoder_dtype", "raw_dir",
 })
 TOWER_KEY_SUFFIXES = ("_encoder", "_fields", "_max_length", "_pooling")
 LAYER_SCHEME_KEYS = ("layer_scheme", "deep_layer_scheme")

@@ -178,7 +178,7 @@ def build_cache_main(argv: Sequence[str] | None = None) -> int:
 def _build_cache(argv: Sequence[str] | None) -> int:
     from recbole.utils import init_logger
 
-    from recbole_iisan.data.cache import cache_root
+    from recbole_iisan.data.cache.paths import cache_root
     from recbole_iisan.quick_start.pipeline import prepare_inputs
     from recbole_iisan.utils.errors import PluginConfigError, disk_full_guard
 

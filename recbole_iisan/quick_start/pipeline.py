@@ -289,7 +289,7 @@ def prepare_inputs(config: Any, model_class: Optional[type] = None) -> dict[str,
     ensure_atomic_files(config)
     caches: dict[str, str] = {}
     if needs_item_states(model_class):
-        from recbole_iisan.data.cache import ensure_caches
+        from recbole_iisan.data.cache.build import ensure_caches
 
         from recbole_iisan.utils.errors import disk_full_guard
 
@@ -326,6 +326,6 @@ def run_distributed(model: str, dataset: str, config_files: Optional[list[str]] 
 
 def _cache_folder(config: Any) -> str:
     """Where the preparation step writes: the encoder cache folder."""
-    from recbole_iisan.data.cache import cache_root
+    from recbole_iisan.data.cache.paths import cache_root
 
     return str(cache_root(config))

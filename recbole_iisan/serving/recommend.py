@@ -80,7 +80,7 @@ class LoadedRun:
     def titles(self) -> dict[str, str]:
         """Raw item id -> title (the first text field of tower A, else a title-like column)."""
         if self._titles is None:
-            from recbole_iisan.data.cache import read_item_file
+            from recbole_iisan.data.cache.paths import read_item_file
             from recbole_iisan.utils.errors import CacheError
 
             try:

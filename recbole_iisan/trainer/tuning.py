@@ -494,7 +494,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
     from recbole_iisan.quick_start.pipeline import needs_item_states
 
     if needs_item_states(get_model_class(model)):
-        from recbole_iisan.data.cache import cache_root
+        from recbole_iisan.data.cache.paths import cache_root
 
         fixed["cache_dir"] = str(Path(cache_root(config)).resolve())
         lr = _cfg(config, "iisan_lr")
