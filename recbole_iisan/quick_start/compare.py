@@ -195,6 +195,8 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     protocol = "paper protocol" if configs[0]["paper_protocol"] else "RecBole protocol"
     folder = Path(results_dir or os.path.join("saved", f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     manifest = _manifest(dataset, models, seeds, protocol, config_files, config_dict, overrides)
+    # the statistics of the table, kept with the folder so that every later render is the same
+    manifest["statistics"] = {k: configs[0][k] for k in results.STATISTICS_KEYS}
     _check_folder(folder, manifest, resume)
     for config in configs:  # bad names, types and metrics fail here, before anything runs
         prepare_inputs(config)
