@@ -78,7 +78,9 @@ def tiny_cache(tmp_path_factory):
     rng = random.Random(0)
     tokens = [f"i{k}" for k in range(50)]
     texts = [" ".join(rng.sample(["red", "blue", "flask", "tube", "glass", "scale", "lab", "set"], 3)) for _ in tokens]
-    cfg = {"cache_dir": str(root / "cache"), "encoder_batch_size": 16, "cache_dtype": "float16",
+    from conftest import plugin_defaults
+
+    cfg = {**plugin_defaults(), "cache_dir": str(root / "cache"), "encoder_batch_size": 16, "cache_dtype": "float16",
            "data_path": str(root / "data"), "dataset": "toy"}
     folder = ensure_cache(cfg, TowerSpec("text", "text", str(bert), ("title",), 12), [0, 2, 4], tokens, texts)
     return folder, tokens
