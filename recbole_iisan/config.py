@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
-from recbole.config import Config
 
-from recbole_iisan.errors import PluginConfigError
+from recbole_iisan.compat import require_recbole
+
+require_recbole()  # without RecBole: one line saying how to install it (cli.main prints it)
+
+from recbole.config import Config  # noqa: E402
+
+from recbole_iisan.errors import PluginConfigError  # noqa: E402
 from recbole_iisan.utils import properties_dir
 
 PROPERTIES_DIR = properties_dir()

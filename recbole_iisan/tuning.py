@@ -5,7 +5,9 @@
         [--cpus_per_trial=1] [--gpus_per_trial=0.25] [--ray_address=auto] \\
         [--storage_path=ray_results] [--tune_name=NAME] [--resume] [--key=value ...]
 
-How it works (ray 2.6.3, the newest ray RecBole 1.2.1 accepts: ``ray.tune.Tuner``):
+How it works (Ray Tune >= 2.45, its current API: ``tune.Tuner``, ``tune.RunConfig(storage_path=...)``,
+``tune.report(dict)`` after every epoch, ASHA, ``tune.Tuner.restore``; RecBole's own ``run_hyper.py``
+and its ``ray<=2.6.3`` are not used, see docs/installation.md):
 
 * ``hyper.test`` is read in RecBole's format (``name type values``; ``choice``, ``uniform``,
   ``loguniform`` with RecBole's natural-log bounds, ``quniform``) into a Ray Tune search space.
@@ -13,8 +15,10 @@ How it works (ray 2.6.3, the newest ray RecBole 1.2.1 accepts: ``ray.tune.Tuner`
   once per cache-relevant choice such as ``layer_scheme``, so the cache holds every layer any
   trial reads). Trials get ``cache_rebuild: never`` and absolute ``data_path`` / ``cache_dir``:
   they only read it, and trials on other nodes of a cluster read the same shared folder.
-* Each trial is ``quick_start.run`` with the fixed overrides + its sampled parameters; it reports
-  the VALIDATION metric (``valid_metric``, e.g. ``ndcg@10``) to Ray Tune after every evaluation
+* Each trial is ``quick_start.run`` with the fixed overrides + its sampled parameters, run in its
+  trial folder under ``<storage_path>/<name>/`` (``tune.get_context().get_trial_dir()``: RecBole's
+  log, checkpoint and result file land there, on the shared storage of a cluster); it reports
+  the VALIDATION metric (``valid_metric``, e.g. ``ndcg@10``) with ``tune.report`` after every evaluation
   (``{metric, 'epoch'}``), so ASHA can stop poor trials early. A trial that finishes reports once
   more with its best validation score and its test metrics (without ``epoch``, which ASHA ignores).
   Selection is on validation only; the test metrics of the best trial are only printed.
@@ -73,8 +77,8 @@ class HyperParam:
 
     @property
     def is_int(self) -> bool:
-        """``quniform`` with integral bounds and step: sampled as integers (ray 2.6.3's ``qrandint``
-        returns floats such as 192.0, so the trial casts them back)."""
+        """``quniform`` with integral bounds and step: sampled as integers (the trial casts them back
+        to ``int`` if the search algorithm hands over floats such as 192.0)."""
         return self.kind == "quniform" and all(float(v).is_integer() for v in self.values)
 
     def __repr__(self) -> str:
@@ -234,7 +238,7 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
     """One Ray Tune trial: train with the sampled ``config``, report validation after each
     evaluation, then the final summary (best validation score + test metrics)."""
     import torch
-    from ray.air import session
+    from ray import tune
 
     import recbole_iisan  # noqa: F401  (compat shims in the worker)
     from recbole_iisan import quick_start
@@ -260,9 +264,13 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
             # ASHA stops any trial that reports epoch == max_t; this one is done anyway: its test
             # evaluation and final report (below) come next
             return
-        session.report({metric: float(valid_score), "epoch": epoch_idx + 1})
+        tune.report({metric: float(valid_score), "epoch": epoch_idx + 1})
 
-    trial_dir = os.getcwd()
+    # Ray runs a trial in a scratch working folder; its trial folder in the storage path is where
+    # RecBole's log/, saved/ and the result file belong (the shared folder on a cluster)
+    trial_dir = tune.get_context().get_trial_dir()
+    os.makedirs(trial_dir, exist_ok=True)
+    os.chdir(trial_dir)
     result = quick_start.run(model, dataset, config_files, cd, saved=True, evaluate_test=True,
                              result_file=os.path.join(trial_dir, RESULT_FILE), callback_fn=report)
     final = {
@@ -278,7 +286,7 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
         "result_file": os.path.abspath(result.get("result_file") or RESULT_FILE),
         "node_id": _node_id(),  # which node of the cluster ran the trial
     }
-    session.report(final)
+    tune.report(final)
 
 
 def _node_id() -> str:
@@ -359,11 +367,11 @@ def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, para
 
 
 def trial_statuses(grid) -> dict:
-    """trial id -> Ray Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) where ray 2.6.3's
-    ResultGrid exposes it (a search interrupted by Ctrl-C leaves RUNNING / PENDING trials)."""
+    """trial id -> Ray Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) where the ResultGrid
+    exposes it (a search interrupted by Ctrl-C leaves RUNNING / PENDING trials)."""
     try:
         return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    except Exception:  # noqa: BLE001  (private in ray 2.6.3: without it, interrupted reads as stopped)
+    except Exception:  # noqa: BLE001  (private in Ray: without it, interrupted reads as stopped)
         return {}
 
 
@@ -411,7 +419,7 @@ def _trial_rows(results, metric: str, param_names: Sequence[str], statuses: Opti
 
 
 def _trial_id(res) -> str:
-    path = getattr(res, "log_dir", None) or getattr(res, "path", None)
+    path = getattr(res, "path", None)
     tid = (res.metrics or {}).get("trial_id")
     if tid:
         return str(tid)
@@ -451,7 +459,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
                num_cpus: Optional[int] = None, out=None) -> dict:
     """The search; returns ``{'rows', 'table', 'best', 'best_config', 'csv', 'experiment'}``."""
     from ray import tune
-    from ray.air import FailureConfig, RunConfig
+    from ray.tune import FailureConfig, RunConfig
     from ray.tune.schedulers import ASHAScheduler
 
     from recbole_iisan.config import build_config, get_model_class
@@ -534,7 +542,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
                 tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler,
                                             search_alg=_search_alg(search_alg, metric, max_concurrent,
                                                                    _cfg(config, "seed")),
-                                            num_samples=num_samples, chdir_to_trial_dir=True),
+                                            num_samples=num_samples),
                 run_config=RunConfig(storage_path=storage, name=name, verbose=1,
                                      failure_config=FailureConfig(max_failures=0, fail_fast=False)),
             )
