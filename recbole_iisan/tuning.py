@@ -266,9 +266,7 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
             return
         tune.report({metric: float(valid_score), "epoch": epoch_idx + 1})
 
-    # Ray runs a trial in a scratch working folder; its trial folder in the storage path is where
-    # RecBole's log/, saved/ and the result file belong (the shared folder on a cluster)
-    trial_dir = tune.get_context().get_trial_dir()
+    trial_dir = _storage_trial_dir()
     os.makedirs(trial_dir, exist_ok=True)
     os.chdir(trial_dir)
     result = quick_start.run(model, dataset, config_files, cd, saved=True, evaluate_test=True,
@@ -287,6 +285,22 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
         "node_id": _node_id(),  # which node of the cluster ran the trial
     }
     tune.report(final)
+
+
+def _storage_trial_dir() -> str:
+    """This trial's folder under ``<storage_path>/<name>/`` (local or a shared file system).
+
+    Ray >= 2.7 runs a trial in a scratch working folder and ``get_trial_dir()`` names a staging
+    folder on the driver's node (``/tmp/ray/session_*/artifacts/...``); RecBole's log/, saved/ and
+    the result file belong in the persistent trial folder, which every node of a cluster reads
+    (``StorageContext.trial_fs_path``; the storage path is always an absolute local path here)."""
+    from ray import tune
+
+    ctx = tune.get_context()
+    try:
+        return ctx.get_storage().trial_fs_path
+    except AttributeError:  # no storage context in this Ray: the staging folder, synced by Ray
+        return ctx.get_trial_dir()
 
 
 def _node_id() -> str:
