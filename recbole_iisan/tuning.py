@@ -380,21 +380,34 @@ def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, para
         quick_start.prepare_inputs(build_config(model, dataset, config_files, dict(config_dict, **extra)))
 
 
-def trial_statuses(grid) -> dict:
-    """trial id -> Ray Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) where the ResultGrid
-    exposes it (a search interrupted by Ctrl-C leaves RUNNING / PENDING trials)."""
-    try:
-        return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    except Exception:  # noqa: BLE001  (private in Ray: without it, interrupted reads as stopped)
-        return {}
+def trial_states(grid, exp_dir: Optional[Path] = None) -> dict:
+    """trial id -> (status, config): TERMINATED, ERROR, RUNNING, PENDING or PAUSED, and the sampled
+    parameters (also of a trial that never reported). Read from the experiment state Ray Tune saved
+    in ``exp_dir`` (after Ctrl-C it lists the interrupted trials as RUNNING / PENDING), else from
+    the ResultGrid's own analysis."""
+    trials = None
+    if exp_dir is not None and any(Path(exp_dir).glob("experiment_state*.json")):
+        try:
+            from ray.tune import ExperimentAnalysis
+
+            trials = ExperimentAnalysis(str(exp_dir)).trials
+        except Exception:  # noqa: BLE001  (an unreadable state: fall back to the grid)
+            trials = None
+    if trials is None:
+        try:
+            trials = grid._experiment_analysis.trials
+        except Exception:  # noqa: BLE001  (private in Ray: without it, interrupted reads as not run)
+            return {}
+    return {t.trial_id: (t.status, dict(t.config or {})) for t in trials}
 
 
-def _trial_rows(results, metric: str, param_names: Sequence[str], statuses: Optional[dict] = None) -> list[dict]:
+def _trial_rows(results, metric: str, param_names: Sequence[str], states: Optional[dict] = None) -> list[dict]:
     rows = []
-    statuses = statuses or {}
+    states = states or {}
     for res in results:
         trial_id = _trial_id(res)
-        cfg = res.config or {}
+        state, saved_cfg = states.get(trial_id, (None, {}))
+        cfg = res.config or saved_cfg  # a trial that never reported has no config in its result
         row: dict = {"trial": trial_id}
         for n in param_names:
             row[n] = _fmt(native(cfg.get(n)))
@@ -419,7 +432,7 @@ def _trial_rows(results, metric: str, param_names: Sequence[str], statuses: Opti
             status = "error: " + _one_line(res.error)
         elif last.get(FINAL_KEY):
             status = STATUS_COMPLETED
-        elif statuses.get(trial_id) in ("RUNNING", "PENDING", "PAUSED"):
+        elif state in ("RUNNING", "PENDING", "PAUSED") or (state is None and not epochs):
             status = STATUS_INTERRUPTED
         elif epochs:
             status = STATUS_STOPPED
@@ -570,7 +583,7 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
             ray.shutdown()
 
     results = sorted((grid[i] for i in range(len(grid))), key=_trial_id)
-    rows = _trial_rows(results, metric, tuned, trial_statuses(grid))
+    rows = _trial_rows(results, metric, tuned, trial_states(grid, exp_dir))
     columns = ["trial"] + tuned + [f"best valid {metric}", "epochs run", "status"]
     table = markdown_table(rows, columns)
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -579,7 +592,8 @@ def run_search(model: str, dataset: str, hyper_file: str, config_files: Optional
     n_stopped = sum(r["status"] == STATUS_STOPPED for r in rows)
     n_err = sum(r["status"].startswith("error") for r in rows)
     n_done = sum(r["_final"] for r in rows)
-    n_int = sum(r["status"] == STATUS_INTERRUPTED for r in rows)
+    # trials the search had not created yet when it was interrupted count as interrupted too
+    n_int = sum(r["status"] == STATUS_INTERRUPTED for r in rows) + max(0, num_samples - len(rows))
     print(f"\n{model} on {dataset}: {len(rows)} trials in {wall:.0f} s ({n_done} completed, {n_stopped} stopped "
           f"early by ASHA, {n_err} failed" + (f", {n_int} interrupted" if n_int else "")
           + f"); selection on validation {metric}\n\n{table}\n\ntrial table: {csv_path}", file=out, flush=True)

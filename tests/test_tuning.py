@@ -292,7 +292,8 @@ def test_interrupted_search_resumes_and_a_failing_trial_is_listed(tmp_path, monk
             if proc.poll() is None:
                 proc.kill()
     out = log.read_text()
-    assert "interrupted" in out and "--resume" in out, out[-3000:]
+    assert "the search was interrupted: continue it with the same command and --resume" in out, out[-3000:]
+    assert "interrupted (continue with --resume)" in out  # the table names the unfinished trials
     done_before = {f: f.stat().st_mtime_ns for f in storage.glob("r/*/recbole_result.json")}
     assert 1 <= len(done_before) < 4
 
@@ -312,7 +313,7 @@ def test_interrupted_search_resumes_and_a_failing_trial_is_listed(tmp_path, monk
         else:
             assert ("completed" in row) or ("stopped early by ASHA" in row), row
     assert any(r.split("|")[2].strip() == "3" for r in rows.values()), out  # a failing trial was sampled
-    assert "interrupted" not in out
+    assert "the search was interrupted" not in out and "interrupted (continue" not in out
     # the trials that had finished were not run again
     for f, mtime in done_before.items():
         assert f.stat().st_mtime_ns == mtime, f
