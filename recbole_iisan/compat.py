@@ -17,7 +17,7 @@ RecBole's checkpoints pickle the whole ``Config`` (and with it the model class),
 reloads (``Trainer.evaluate(load_best_model=True)``, ``resume_checkpoint``,
 ``load_data_and_model``) fail with "Weights only load failed".  We give *only RecBole's
 modules* a ``torch`` whose ``load`` defaults to ``weights_only=False``; the global
-``torch.load`` is left untouched.  numpy<2 and pandas<3 are pinned (see setup.py), not shimmed.
+``torch.load`` is left untouched.
 
 RecBole 1.2.1's DDP mode (``--nproc``) is CUDA-only: ``Config._init_device`` asserts one
 ``gpu_id`` per process, calls ``init_process_group(backend="nccl")`` and ``torch.cuda.set_device``,
