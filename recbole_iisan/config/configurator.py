@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
-from recbole.config import Config
 
-from recbole_iisan.config.checks import file_dicts
-from recbole_iisan.utils.errors import PluginConfigError
-from recbole_iisan.utils.files import properties_dir
+from recbole_iisan.utils.compat import require_recbole
+
+require_recbole()  # without RecBole: one line saying how to install it (the command line prints it)
+
+from recbole.config import Config  # noqa: E402
+
+from recbole_iisan.config.checks import file_dicts  # noqa: E402
+from recbole_iisan.utils.errors import PluginConfigError  # noqa: E402
+from recbole_iisan.utils.files import properties_dir  # noqa: E402
 
 PROPERTIES_DIR = properties_dir()
 
