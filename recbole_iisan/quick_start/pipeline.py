@@ -83,9 +83,25 @@ def create_dataset(config: Any, model_class: type):
         return RawInputSequentialDataset(config)
     if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         return ProtocolSequentialDataset(config)
-    from recbole.data import create_dataset as rb_create_dataset
+    return recbole_dataset(config)
 
-    return rb_create_dataset(config)
+
+def recbole_dataset(config: Any):
+    """RecBole's ``create_dataset`` without its ``pickle.load`` of a saved dataset
+    (``dataset_save_path``, or ``<checkpoint_dir>/<dataset>-<class>.pth`` whenever it exists: a
+    pickle can run code): the same dataset class, built from the atomic files."""
+    import importlib
+
+    from recbole.utils import ModelType
+
+    module = importlib.import_module("recbole.data.dataset")
+    by_type = {ModelType.SEQUENTIAL: "SequentialDataset", ModelType.KNOWLEDGE: "KnowledgeBasedDataset"}
+    name = config["model"] + "Dataset"
+    dataset_class = getattr(module, name) if hasattr(module, name) else getattr(module, by_type.get(config["MODEL_TYPE"], "Dataset"))
+    dataset = dataset_class(config)
+    if config["save_dataset"]:
+        dataset.save()
+    return dataset
 
 
 def count_train_targets(model: torch.nn.Module, train_dataset: Any) -> int:
@@ -128,7 +144,7 @@ def run(
     (JSON) and, beside it, each test user's metrics (``<result>.users.csv``,
     :mod:`recbole_iisan.evaluator.per_user`).
 
-    ``checkpoint_file`` names the best model's file (default: RecBole's ``<Model>-<time>.pth``);
+    ``checkpoint_file`` names the best model's file (default: RecBole's ``<Model>-<time>``, ``.safetensors``);
     with ``last_checkpoint_file`` the whole training state is saved there after every validation,
     and ``resume`` given that file continues the run exactly where it stopped."""
     config = build_config(model, dataset, config_files, config_dict, overrides)
@@ -184,7 +200,7 @@ def _resume(trainer: PluginTrainer, resume: str, train_data: Any) -> None:
     """A rolling last state (exact continuation) or a checkpoint (continue after its epoch)."""
     from recbole_iisan.trainer import checkpoint
 
-    if checkpoint.is_last_checkpoint(resume):
+    if checkpoint.is_last_checkpoint(resume, trust=checkpoint.trusted(trainer.config)):
         checkpoint.resume_last(trainer, resume, train_data)
     else:
         trainer.resume_checkpoint(resume)

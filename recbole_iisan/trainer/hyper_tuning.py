@@ -204,12 +204,11 @@ def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}}
     if address:
         getLogger().info(f"joining the Ray cluster at {address}")
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  configure_logging=True, logging_level="warning", log_to_driver=False)
     return True
 
