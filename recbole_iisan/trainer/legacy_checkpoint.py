@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import pickle
+import re
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +121,50 @@ restricted_pickle.load = lambda f, **kw: AllowListUnpickler(f, **kw).load()  # t
 restricted_pickle.__version__ = pickle.format_version  # type: ignore[attr-defined]
 
 
+def safe_globals() -> list:
+    """The allow-list in the form ``torch.serialization.safe_globals`` takes: ``(object, name)``
+    for every exact name and every inert stand-in name (a model class under ``recbole.model.`` or
+    ``recbole_iisan.`` cannot be listed ahead: :func:`read_legacy` admits it by name)."""
+    global _ALLOWED
+    if _ALLOWED is None:
+        _ALLOWED = _exact()
+    return [(obj, name) for name, obj in _ALLOWED.items()] + [(Inert, name) for name in INERT_NAMES]
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global"
+                                 r"|unsupported GLOBAL (\S+) whose module \S+ is blocked")
+_UNSUPPORTED_OPCODE = re.compile(r"Unsupported operand \d+")
+
+
 def read_legacy(path: Path, map_location: Any = "cpu", trust: bool = False) -> Any:
-    """The object in a torch pickle file: through the allow-list, or as torch loads it (``trust``)."""
+    """The object in a torch pickle file: ``torch.load(weights_only=True)`` with the allow-list
+    (:func:`safe_globals`); when torch's restricted unpickler cannot parse the file (protocol 4,
+    which RecBole's ``Trainer`` writes: ``FRAME`` / ``MEMOIZE`` / ``STACK_GLOBAL`` opcodes) or the
+    file names a model class, the same allow-list through :class:`AllowListUnpickler`. A global
+    outside the allow-list raises :class:`UnsafePickle`. ``trust``: torch's plain
+    ``weights_only=False`` load, which runs whatever the file holds."""
     if trust:
         return torch.load(path, map_location=map_location, weights_only=False)
-    # weights_only=False only because torch refuses a pickle_module otherwise: the globals this
-    # load can reach are the allow-list's, through AllowListUnpickler.find_class
+    try:
+        with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
+            # torch notes that its restricted unpickler may not read protocol 4: handled below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        unsupported = _UNSUPPORTED_GLOBAL.search(text)
+        if unsupported:
+            allowed(_builtin_name(unsupported.group(1) or unsupported.group(2)))  # UnsafePickle unless a model class
+        elif not _UNSUPPORTED_OPCODE.search(text):
+            raise
+    # torch's weights_only=True cannot take a pickle_module; the globals this load can reach are the
+    # allow-list's (AllowListUnpickler.find_class), so nothing outside it is looked up or called
     return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
+
+
+def _builtin_name(name: str) -> str:
+    """torch prints ``builtins.eval`` as ``eval``: the pickle's own name back."""
+    return name if "." in name else f"builtins.{name}"
 
 
 def config_state(config: Any) -> dict:
