@@ -78,31 +78,17 @@ def test_numpy_aliases_are_set_at_import_for_ray_workers():
 
 
 # --------------------------------------------------------------------------------------------
-# torch >= 2.6: RecBole reloads its own checkpoints (whole pickled Config) with torch.load
+# torch >= 2.6: weights_only=True stays the default for RecBole's modules too (the plugin reads
+# and writes its checkpoints itself: tests/test_checkpoint_file.py)
 
-def test_recbole_reloads_its_best_checkpoint_under_weights_only_default(tiny_data, tmp_path, monkeypatch):
-    """``Trainer.evaluate(load_best_model=True)`` reads RecBole's checkpoint (it pickles the
-    ``Config``): torch >= 2.6 refuses it by default. RecBole's modules get a ``torch.load`` with
-    ``weights_only=False``; the global ``torch.load`` keeps torch's safe default."""
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender import SASRec
-    from recbole.trainer import Trainer
-    import recbole.trainer.trainer as rb_trainer
-
-    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)  # only the module patch
-    config = Config(model="SASRec", dataset="tiny", config_dict={
-        "data_path": str(tiny_data), "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "epochs": 1, "hidden_size": 8, "inner_size": 16, "n_layers": 1,
-        "n_heads": 1, "checkpoint_dir": str(tmp_path / "saved"), "show_progress": False, "state": "error",
-        "train_neg_sample_args": None, "loss_type": "CE", "use_gpu": False})
-    train, valid, test = data_preparation(config, create_dataset(config))
-    trainer = Trainer(config, SASRec(config, train._dataset))
-    trainer.fit(train, valid, saved=True, show_progress=False)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(trainer.saved_model_file)  # torch's own default: refused
-    assert isinstance(rb_trainer.torch, compat._TorchWithTrustedLoad)
-    result = trainer.evaluate(test, load_best_model=True, show_progress=False)
-    assert set(result) >= {"hit@10", "ndcg@10"}
+def test_importing_the_plugin_leaves_torch_load_safe():
+    """No ``torch.load`` defaulting to ``weights_only=False`` for RecBole, no process-wide switch."""
+    code = ("import os, torch, recbole_iisan, recbole.trainer.trainer as t, recbole.quick_start.quick_start as q; "
+            "print(t.torch is torch, q.torch is torch, os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True, capture_output=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "True", "None"]
 
 
 # --------------------------------------------------------------------------------------------

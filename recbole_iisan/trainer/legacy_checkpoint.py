@@ -143,23 +143,27 @@ def read_legacy(path: Path, map_location: Any = "cpu", trust: bool = False) -> A
     file names a model class, the same allow-list through :class:`AllowListUnpickler`. A global
     outside the allow-list raises :class:`UnsafePickle`. ``trust``: torch's plain
     ``weights_only=False`` load, which runs whatever the file holds."""
-    if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    try:
-        with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
-            # torch notes that its restricted unpickler may not read protocol 4: handled below
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        unsupported = _UNSUPPORTED_GLOBAL.search(text)
-        if unsupported:
-            allowed(_builtin_name(unsupported.group(1) or unsupported.group(2)))  # UnsafePickle unless a model class
-        elif not _UNSUPPORTED_OPCODE.search(text):
-            raise
-    # torch's weights_only=True cannot take a pickle_module; the globals this load can reach are the
-    # allow-list's (AllowListUnpickler.find_class), so nothing outside it is looked up or called
-    return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
+    # an open file, not the path: torch >= 2.10 reads a path ending in ``.safetensors`` as
+    # safetensors whatever its bytes are
+    with open(path, "rb") as f:
+        if trust:
+            return torch.load(f, map_location=map_location, weights_only=False)
+        try:
+            with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
+                # torch notes that its restricted unpickler may not read protocol 4: handled below
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            text = str(exc)
+            unsupported = _UNSUPPORTED_GLOBAL.search(text)
+            if unsupported:
+                allowed(_builtin_name(unsupported.group(1) or unsupported.group(2)))  # UnsafePickle unless a model class
+            elif not _UNSUPPORTED_OPCODE.search(text):
+                raise
+        f.seek(0)
+        # torch's weights_only=True cannot take a pickle_module; the globals this load can reach are
+        # the allow-list's (AllowListUnpickler.find_class), so nothing outside it is looked up or called
+        return torch.load(f, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
 
 
 def _builtin_name(name: str) -> str:
