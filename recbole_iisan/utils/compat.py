@@ -19,6 +19,12 @@ the command line and to ``config_dict``, where a Ray Tune trial's values arrive)
 else stays a string); the values RecBole users write (``2e-4``, ``[10,20]``, ``{'a': 1}``,
 ``True``, ``None``, ``Hit@10``) convert as before.
 
+RecBole's ``KD_DAGFM`` builds its teacher network with ``eval(config["teacher"])``;
+:func:`_teacher_by_name` gives that module an ``eval`` that only looks a name up among the
+network classes the module defines (``DAGFM``, ``CrossNet``, ``CIN``): anything else is one line.
+RecBole's own ``HyperTuning`` (``eval`` of ``hyper.test`` choices) is not used by the plugin
+(``recbole_iisan.trainer.hyper_tuning`` reads them with ``ast.literal_eval``).
+
 RecBole's ``data_preparation`` loads ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth``
 (or ``dataloaders_save_path``) with ``pickle.load`` whenever that file exists, so a shared
 ``saved/`` folder could run code. :func:`_load_split_dataloaders` never reads it: the split is
@@ -119,6 +125,21 @@ def _convert_config_dict(self, config_dict: dict) -> dict:
         if isinstance(value, str):
             config_dict[key] = literal_value(value)
     return config_dict
+
+
+def _teacher_by_name(module):
+    """``eval`` for RecBole's ``kd_dagfm`` module: a class name of that module, nothing else."""
+
+    def lookup(text: Any, *args: Any) -> Any:
+        names = sorted(n for n, v in vars(module).items()
+                       if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == module.__name__
+                       and n != "KD_DAGFM")
+        if not isinstance(text, str) or text.strip() not in names:
+            raise UserError(f"config key 'teacher' must be one of {names}, got {text!r}")
+        return vars(module)[text.strip()]
+
+    lookup.__wrapped__ = eval  # type: ignore[attr-defined]
+    return lookup
 
 
 def _load_split_dataloaders(config: Any) -> None:
@@ -288,6 +309,10 @@ def apply() -> None:
     if rb_data_utils.load_split_dataloaders is not _load_split_dataloaders:
         _load_split_dataloaders.__wrapped__ = rb_data_utils.load_split_dataloaders  # type: ignore[attr-defined]
         rb_data_utils.load_split_dataloaders = _load_split_dataloaders
+    import recbole.model.context_aware_recommender.kd_dagfm as kd_dagfm
+
+    if not hasattr(vars(kd_dagfm).get("eval"), "__wrapped__"):
+        kd_dagfm.eval = _teacher_by_name(kd_dagfm)
     _quiet_known_warnings()
     # DDP on CPU (gloo): see the module docstring
     if not hasattr(Config._init_device, "__wrapped__"):
