@@ -202,6 +202,9 @@ def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     console; errors still reach it (Ray Tune prints them, and the final table has them)."""
     import ray
 
+    from recbole_iisan.utils.compat import quiet_ray_warnings
+
+    quiet_ray_warnings()
     if ray.is_initialized():
         return False
     if address:

@@ -37,8 +37,9 @@ JSON, never a pickle), so RecBole's ``torch.load`` call sites are not reached
 
 Known third-party warnings that a user cannot act on (:data:`QUIET_WARNINGS`: RecBole's pandas
 ``fillna`` and ``GradScaler`` deprecations, numpy's ``__array_wrap__`` deprecation met in RecBole's
-``Interaction.sort``, ``torch.jit``'s deprecation in ``--export``, Ray Tune's deprecation notes)
-are filtered where they are raised (``warnings.filterwarnings`` with the module and the message).
+``Interaction.sort``, ``torch.jit``'s deprecation in ``--export``) are filtered where they are raised
+(``warnings.filterwarnings`` with the module and the message); Ray's ``RayDeprecationWarning``
+by its category once Ray is imported (:func:`quiet_ray_warnings`). docs/robustness.md lists them.
 
 RecBole 1.2.1's DDP mode (``--nproc``) is CUDA-only: ``Config._init_device`` asserts one
 ``gpu_id`` per process, calls ``init_process_group(backend="nccl")`` and ``torch.cuda.set_device``,
@@ -167,8 +168,6 @@ QUIET_WARNINGS = (
     (DeprecationWarning, r"numpy\._core\.fromnumeric", r"__array_wrap__ must accept context and return_scalar"),
     # torch >= 2.10 on TorchScript, which --export writes (torch.jit.script / trace / save / load)
     (DeprecationWarning, r"torch\.jit\.", r"`torch\.jit\.\w+` is deprecated"),
-    # Ray Tune's notes on its own renamed internals
-    (DeprecationWarning, r"ray\.", r".*"),
 )
 
 
@@ -177,6 +176,17 @@ def _quiet_known_warnings() -> None:
 
     for category, module, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def quiet_ray_warnings() -> None:
+    """Ray's notes on its own deprecated API (its ``RayDeprecationWarning``, raised in Ray's modules
+    or attributed to the plugin's call): filtered once Ray is imported (``trainer.hyper_tuning``),
+    so that importing the plugin never imports Ray."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"(ray|recbole_iisan)\.")
 
 
 def _cuda_ddp(config_dict: dict) -> bool:
