@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import recbole_iisan  # noqa: F401  (applies the patches)
 from recbole_iisan.utils import compat

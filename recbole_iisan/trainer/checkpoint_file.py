@@ -15,22 +15,20 @@ checkpoint's tensors, named by where they sit in the state (``state_dict/item_em
 Reading it needs ``json`` and ``safetensors`` only: no class is looked up, no code runs.
 
 A checkpoint of RecBole or of recbole-iisan 0.1 is a torch zip holding a pickle (the whole
-``Config``, the model class, enums). :func:`read_legacy` unpickles it with an allow-list
-(:data:`ALLOWED`): torch's tensor rebuilders, numpy's array and scalar rebuilders, RecBole's enums;
-``Config`` / ``PluginConfig``, the model class and the yaml loader class are replaced by inert
-stand-ins that only hold data. Any other global (``os.system``, a class of unknown code) is refused
-before it is looked up; ``trust=True`` (``--trust_checkpoint``) loads the pickle as torch does
-(``weights_only=False``), which runs whatever the file holds. torch's own ``weights_only=True``
-unpickler cannot read these files: RecBole saves with ``pickle_protocol=4``, whose opcodes
-(``FRAME``, ``MEMOIZE``, ``SHORT_BINUNICODE``, ``STACK_GLOBAL``) it does not implement.
+``Config``, the model class, enums): :mod:`.legacy_checkpoint` reads it with an allow-list, first
+through torch's own ``torch.load(weights_only=True)`` (``torch.serialization.safe_globals``), and
+where torch's restricted unpickler cannot parse the file (RecBole saves with ``pickle_protocol=4``,
+whose ``FRAME`` / ``MEMOIZE`` / ``STACK_GLOBAL`` opcodes it does not implement, and it cannot list
+every model class ahead) through a ``find_class`` unpickler holding the same allow-list. Any other
+global (``os.system``, a class of unknown code) is refused before it is looked up;
+``trust=True`` (``--trust_checkpoint``) loads the pickle as torch does with
+``weights_only=False``, which runs whatever the file holds.
 """
 from __future__ import annotations
 
 import json
 import math
 import pickle
-import types
-import zipfile
 from pathlib import Path
 from typing import Any
 

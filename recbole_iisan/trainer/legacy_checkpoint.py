@@ -149,6 +149,8 @@ def read_legacy(path: Path, map_location: Any = "cpu", trust: bool = False) -> A
         if trust:
             return torch.load(f, map_location=map_location, weights_only=False)
         try:
+            if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: the allow-list unpickler only
+                raise pickle.UnpicklingError("Unsupported operand 0 (no torch.serialization.safe_globals)")
             with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
                 # torch notes that its restricted unpickler may not read protocol 4: handled below
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
