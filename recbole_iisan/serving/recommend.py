@@ -1,13 +1,13 @@
 """Top-k recommendations from a trained checkpoint, as raw item ids, titles and scores.
 
-    python run_recbole_iisan.py --recommend=saved/IISANVS-....pth --users=196,186 [--topk=10]
-    python run_recbole_iisan.py --recommend=saved/IISANVS-....pth --sequence="242 302 377"
+    python run_recbole_iisan.py --recommend=saved/IISANVS-....safetensors --users=196,186 [--topk=10]
+    python run_recbole_iisan.py --recommend=saved/IISANVS-....safetensors --sequence="242 302 377"
     python run_recbole_iisan.py --recommend=... --users=196 --new_items=new.tsv   # + unseen items
 
 From Python::
 
     from recbole_iisan.serving.recommend import recommend
-    df = recommend("saved/IISANVS-....pth", users=["196"], topk=10)   # pandas DataFrame
+    df = recommend("saved/IISANVS-....safetensors", users=["196"], topk=10)   # pandas DataFrame
 
 The model is rebuilt the way the training run built it (RecBole's ``load_data_and_model`` flow,
 through the plugin's pipeline): the config stored in the checkpoint -> ``recbole_iisan.data.utils.prepare_inputs``
@@ -343,7 +343,7 @@ def main(args: Any, overrides: dict, config_files: Optional[list] = None, config
     ``--model`` / ``--dataset`` the user typed (each must be the checkpoint's)."""
     given = dict(given or {})
     if not args.recommend:
-        raise PluginConfigError("--export needs the checkpoint to export: --recommend=saved/MODEL-....pth --export=DIR")
+        raise PluginConfigError("--export needs the checkpoint to export: --recommend=saved/MODEL-....safetensors --export=DIR")
     overrides = dict(overrides or {})
     topk = overrides.pop("topk", 10)
     topk = max(topk) if isinstance(topk, (list, tuple)) else topk
