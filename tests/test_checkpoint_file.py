@@ -176,6 +176,14 @@ def test_a_recbole_checkpoint_loads_through_the_allow_list(tiny_data, tmp_path):
     assert {k: ck[k] for k in ("epoch", "cur_step")} == {"epoch": 0, "cur_step": 0}
     for group, theirs in zip(ck["optimizer"]["param_groups"], trusted["optimizer"]["param_groups"]):
         assert group == theirs
+    # --recommend serves it with the run's own settings (RecBole's defaults, not the plugin's)
+    from recbole_iisan.serving.recommend import load_run
+
+    run = load_run(path)
+    for key in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "n_layers", "loss_type"):
+        assert run.config[key] == trainer.config[key], key
+    own = run.model.state_dict()
+    assert all(torch.equal(own[k], trusted["state_dict"][k].cpu()) for k in trusted["state_dict"])
 
 
 def test_a_protocol_2_pickle_of_tensors_is_read_by_torchs_weights_only_unpickler(tmp_path, monkeypatch):

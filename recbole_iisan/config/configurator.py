@@ -275,8 +275,18 @@ def legacy_stored_config(state: dict) -> dict[str, Any]:
     """:func:`stored_config` of a pickled legacy ``Config`` (its attributes, as data)."""
     final = state.get("final_config_dict") or {}
     model = final.get("model", state.get("model"))
+    # the run's resolved values (RecBole's defaults may differ from the plugin's: MAX_ITEM_LIST_LENGTH),
+    # minus what RecBole derives from others, then the values the user gave
+    resolved = {k: v for k, v in plain_values(final).items() if k not in LEGACY_DERIVED_KEYS}
     return {"model": model if isinstance(model, str) else None, "dataset": final.get("dataset", state.get("dataset")),
-            "values": plain_values(state.get("external_config_dict") or {})}
+            "values": {**resolved, **plain_values(state.get("external_config_dict") or {})}}
+
+
+#: keys of a legacy ``final_config_dict`` that RecBole computes from others (``data_path`` joined with
+#: the dataset, the normalised negative-sampling and evaluation settings, the metric direction)
+LEGACY_DERIVED_KEYS = frozenset({"data_path", "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
+                                 "eval_neg_sample_args", "valid_metric_bigger", "model", "dataset",
+                                 "item_state_caches"})
 
 
 def config_from_stored(stored: dict, config_files: Optional[Iterable[str]] = None, config_dict: Optional[dict] = None,
