@@ -46,6 +46,7 @@ setup(
         "pandas>=2.2,<3",          # pandas 3 breaks RecBole's token_seq remap and in-place fillna (docs/installation.md)
         "ray[tune]>=2.45",         # recbole.quick_start imports ray.tune; the search uses Tuner + tune.report
         "transformers>=4.40",
+        "safetensors>=0.4",        # checkpoints: tensors + JSON metadata, nothing unpickled (trainer/checkpoint_file.py)
         "lmdb>=1.4",
         "pillow>=9",
         "matplotlib",

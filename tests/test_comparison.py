@@ -146,7 +146,7 @@ def _run_tiny(tiny_data: Path, tmp: Path, name: str, epochs: int, resume=None, *
          "n_heads": 1, "epochs": epochs, "train_batch_size": 16, "checkpoint_dir": str(tmp / "ck"),
          "stopping_step": 20, **extra}
     return run("IISANVS", "tiny", config_dict=d, result_file=str(tmp / f"{name}.json"),
-               checkpoint_file=str(tmp / "ck" / f"{name}.pth"), last_checkpoint_file=str(tmp / "ck" / f"{name}-last.pth"),
+               checkpoint_file=str(tmp / "ck" / f"{name}.safetensors"), last_checkpoint_file=str(tmp / "ck" / f"{name}-last.safetensors"),
                resume=resume)
 
 
@@ -159,7 +159,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tiny_data: Path, tm
     try:
         straight = _run_tiny(tiny_data, tmp_path, "straight", 4, bert=bert, bert2=bert2)
         _run_tiny(tiny_data, tmp_path, "cut", 2, bert=bert, bert2=bert2)  # "killed" after epoch 2
-        resumed = _run_tiny(tiny_data, tmp_path, "cut", 4, resume=str(tmp_path / "ck" / "cut-last.pth"),
+        resumed = _run_tiny(tiny_data, tmp_path, "cut", 4, resume=str(tmp_path / "ck" / "cut-last.safetensors"),
                             bert=bert, bert2=bert2)
     finally:
         torch.set_num_threads(threads)

@@ -235,3 +235,76 @@ def test_sasrec_recommend_and_export(tmp_path: Path) -> None:
     (tmp_path / "new.tsv").write_text("n1\tsome title\n")
     with pytest.raises(Exception, match="content model"):
         recommend(r, users=users, new_items=tmp_path / "new.tsv")
+
+
+# --------------------------------------------------------------------------------------------
+# serving takes the training flags; a --dataset / --model that contradicts the checkpoint is one
+# line; the answer prints without third-party warnings (the real command line, in a subprocess)
+
+def _cli(*args: str, cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, str(repo / "run_recbole_iisan.py"), *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sasrec_cli(tmp_path_factory):
+    """SASRec trained by the command line with --data_path=DIR (the parent of DIR/tiny)."""
+    root = tmp_path_factory.mktemp("serveflags")
+    write_tiny_dataset(root / "data")
+    out = root / "r.json"
+    proc = _cli("--model=SASRec", "--dataset=tiny", f"--data_path={root / 'data'}", f"--checkpoint_dir={root / 'saved'}",
+                "--epochs=1", "--hidden_size=16", "--inner_size=32", "--n_layers=1", "--n_heads=1",
+                "--train_batch_size=256", "--eval_batch_size=256", f"--result_file={out}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "ckpt": json.loads(out.read_text())["checkpoint"]}
+
+
+def _answer(proc) -> list[str]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_recommend_takes_the_training_data_path_and_prints_no_warning(sasrec_cli):
+    root, ck = sasrec_cli["root"], sasrec_cli["ckpt"]
+    same = _cli(f"--recommend={ck}", f"--data_path={root / 'data'}", "--users=u1,u2", "--topk=3", cwd=root)
+    lines = _answer(same)
+    assert "user u1:" in same.stdout and "user u2:" in same.stdout
+    assert not [line for line in (same.stdout + same.stderr).splitlines() if "Warning" in line], same.stderr
+    # the dataset moved: the checkpoint's own data_path is gone, --data_path (as at training) finds it
+    moved = root / "moved"
+    (moved / "tiny").mkdir(parents=True)
+    for f in (root / "data" / "tiny").glob("tiny.*"):
+        (moved / "tiny" / f.name).write_bytes(f.read_bytes())
+    (root / "data").rename(root / "gone")
+    try:
+        again = _cli(f"--recommend={ck}", f"--data_path={moved}", "--users=u1,u2", "--topk=3", cwd=root)
+        assert _answer(again) == lines
+        # the same through --config_files, and a --key=value of the training flags
+        (root / "serve.yaml").write_text(f"data_path: {moved}\n")
+        by_file = _cli(f"--recommend={ck}", f"--config_files={root / 'serve.yaml'}", "--eval_batch_size=64",
+                       "--users=u1,u2", "--topk=3", cwd=root)
+        assert _answer(by_file) == lines
+    finally:
+        (root / "gone").rename(root / "data")
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--dataset=ml-100k", "the checkpoint was trained on tiny; drop --dataset or pass a checkpoint of ml-100k"),
+    ("--model=GRU4Rec", "the checkpoint holds a SASRec model; drop --model or pass a checkpoint of GRU4Rec"),
+])
+def test_a_dataset_or_model_contradicting_the_checkpoint_is_one_line(sasrec_cli, flag, expected):
+    proc = _cli(f"--recommend={sasrec_cli['ckpt']}", flag, "--users=u1", cwd=sasrec_cli["root"])
+    assert proc.returncode == EXIT_USER_ERROR
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    # the same model / dataset given again is fine
+    ok = _cli(f"--recommend={sasrec_cli['ckpt']}", "--dataset=tiny", "--model=SASRec", "--users=u1",
+              cwd=sasrec_cli["root"])
+    assert "user u1:" in ok.stdout, ok.stderr[-3000:]
