@@ -45,7 +45,7 @@ from typing import Any, Iterator
 
 import torch
 
-from recbole_iisan.errors import UserError
+from recbole_iisan.utils.errors import UserError
 
 _APPLIED = False
 
