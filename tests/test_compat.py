@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import recbole_iisan  # noqa: F401  (applies the patches)
-from recbole_iisan import compat
+from recbole_iisan.utils import compat
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -45,7 +45,7 @@ def test_streaming_evaluation_equals_recbole_full_sort(tmp_path, monkeypatch):
 
     from conftest import write_tiny_dataset
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset
+    from recbole_iisan.data.utils import create_dataset
     from recbole_iisan.trainer.trainer import PluginTrainer
     from recbole_iisan.evaluator.ranking import evaluate_full_sort_streaming
 

@@ -10,7 +10,7 @@ the same split.
 ``MultimodalSequentialDataset`` adds, per tower, the cached frozen-encoder states as ONE
 contiguous tensor ``[n_items, n_rows, dim]`` in RecBole's internal item-id order (row 0 = the
 padding item, zeros). It only loads: the caches are built before any dataset
-(``quick_start.prepare_inputs``), which leaves their folders in ``config["item_state_caches"]``.
+(``recbole_iisan.data.utils.prepare_inputs``), which leaves their folders in ``config["item_state_caches"]``.
 They are loaded once; RecBole's split copies share them.
 """
 from __future__ import annotations
@@ -157,7 +157,7 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
         if not paths:
             raise CacheError(
                 "the encoder caches are not prepared: the dataset only loads them; run "
-                "recbole_iisan.quick_start.prepare_inputs(config) (or python -m recbole_iisan.build_cache) first")
+                "recbole_iisan.data.utils.prepare_inputs(config) (or python -m recbole_iisan.build_cache) first")
         specs = {s.name: s for s in tower_specs_for(self.config)}
         layers = model_layers(self.config, list(specs.values()))
         dtype = getattr(torch, str(setting(self.config, "cache_dtype")))

@@ -184,7 +184,7 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     ``results_dir`` and print the comparison table. Returns 0 when every run finished, 1 otherwise
     (the table shows the finished ones)."""
     from recbole_iisan.config.configurator import build_config
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.utils import prepare_inputs
 
     if jobs < 1:
         raise PluginConfigError(f"--jobs={jobs}: expected an integer >= 1")

@@ -11,7 +11,7 @@ and its ``ray<=2.6.3`` are not used, see docs/installation.md):
 
 * ``hyper.test`` is read in RecBole's format (``name type values``; ``choice``, ``uniform``,
   ``loguniform`` with RecBole's natural-log bounds, ``quniform``) into a Ray Tune search space.
-* The driver prepares the data and builds the encoder cache ONCE (``quick_start.prepare_inputs``,
+* The driver prepares the data and builds the encoder cache ONCE (``recbole_iisan.data.utils.prepare_inputs``,
   once per cache-relevant choice such as ``layer_scheme``, so the cache holds every layer any
   trial reads). Trials get ``cache_rebuild: never`` and absolute ``data_path`` / ``cache_dir``:
   they only read it, and trials on other nodes of a cluster read the same shared folder.
@@ -138,12 +138,12 @@ def tune_trainable(config: dict, model: str = "", dataset: str = "", config_file
 
 def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, params: Sequence[HyperParam]) -> None:
     """Data + encoder cache once, for every cache-relevant value the search can sample."""
-    from recbole_iisan.quick_start import pipeline as quick_start
+    from recbole_iisan.data.utils import prepare_inputs
     from recbole_iisan.config.configurator import build_config
 
     choices = [(hp.name, hp.values) for hp in params if hp.name in CACHE_KEYS and hp.kind == "choice"]
     if not choices:
-        quick_start.prepare_inputs(build_config(model, dataset, config_files, config_dict))
+        prepare_inputs(build_config(model, dataset, config_files, config_dict))
         return
     names = [n for n, _ in choices]
     # widest first ('all' layers), so the later ones reuse it instead of growing the cache
@@ -151,7 +151,7 @@ def _prepare_all(model: str, dataset: str, config_files, config_dict: dict, para
     for combo in combos:
         extra = dict(zip(names, combo))
         getLogger().info(f"preparing inputs for {extra}")
-        quick_start.prepare_inputs(build_config(model, dataset, config_files, dict(config_dict, **extra)))
+        prepare_inputs(build_config(model, dataset, config_files, dict(config_dict, **extra)))
 
 
 @dataclass
@@ -181,7 +181,7 @@ def plan_search(model: str, dataset: str, hyper_file: str, config_files, config_
     """Read and check the search space and the config (one line on any problem, before Ray)."""
     from recbole_iisan.config.checks import check_search_space
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import needs_item_states
+    from recbole_iisan.data.utils import needs_item_states
 
     params = parse_hyper_file(hyper_file)
     get_model_class(model)  # unknown names fail before anything starts

@@ -10,7 +10,7 @@ From Python::
     df = recommend("saved/IISANVS-....pth", users=["196"], topk=10)   # pandas DataFrame
 
 The model is rebuilt the way the training run built it (RecBole's ``load_data_and_model`` flow,
-through the plugin's pipeline): the config stored in the checkpoint -> ``quick_start.prepare_inputs``
+through the plugin's pipeline): the config stored in the checkpoint -> ``recbole_iisan.data.utils.prepare_inputs``
 (atomic files, encoder caches: reused) -> ``create_dataset`` -> ``data_preparation`` ->
 ``model_class(config, train_data._dataset)`` -> the checkpoint's parameters.
 
@@ -189,7 +189,7 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
 
     from recbole_iisan.trainer import checkpoint
     from recbole_iisan.config.configurator import get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
 
     key = (str(Path(path).resolve()), device, repr(sorted((overrides or {}).items())))
     if key in _LOADED:
