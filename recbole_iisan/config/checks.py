@@ -160,8 +160,32 @@ def _rules_for(config: Any) -> tuple[dict, dict]:
     return numeric_ranges(), enums
 
 
+@functools.lru_cache(maxsize=1)
+def nullable_keys() -> frozenset:
+    """Keys some plugin yaml sets to ``~`` (None means something there, e.g. ``inter_sanb_size``)."""
+    keys = set()
+    for f in _plugin_yaml_files():
+        data = yaml.load(Path(f).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        keys |= {str(k) for k, v in (data or {}).items() if v is None} if isinstance(data, dict) else set()
+    return frozenset(keys)
+
+
 def check_ranges(config: Any) -> None:
-    """Documented numeric ranges and enumerations of every key the config holds."""
+    """Documented numeric ranges and enumerations of every key the config holds; a documented
+    key set to ``~`` whose default is not ``~`` is refused (it would fail far from the config)."""
+    from recbole_iisan.config.configurator import typed_keys
+
+    nullable = nullable_keys()
+    for key in sorted(typed_keys()):
+        if key in nullable:
+            continue
+        try:
+            value = config[key]
+        except KeyError:
+            continue
+        if value is None and key in _user_keys(config):
+            raise PluginConfigError(f"config key '{key}' is ~ (None), which it does not take: give a value "
+                                    f"or leave the key out for its default")
     ranges, enums = _rules_for(config)
     for key in sorted(set(ranges) | set(enums) | set(LAYER_SCHEME_KEYS)):
         try:
@@ -307,11 +331,26 @@ def check_search_space(params: Sequence[Any], config: Any, hyper_file: str) -> N
             values = list(hp.values)
         elif hp.kind == "loguniform":
             values = [math.exp(v) for v in hp.values[:2]]
+        elif hp.is_int:
+            values = [int(v) for v in hp.values[:2]]
         else:
-            values = list(hp.values[:2])
+            values = [float(v) for v in hp.values[:2]]
         for v in values:
+            _check_sample_type(hp, v, where)
             if hp.name in LAYER_SCHEME_KEYS or hp.name in enums or hp.name in ranges:
                 check_value(hp.name, v, ranges.get(hp.name, ()), enums.get(hp.name), where=where)
+
+
+def _check_sample_type(hp: Any, value: Any, where: str) -> None:
+    """A sampled value has the key's documented type (a trial's config would refuse it)."""
+    from recbole_iisan.config.configurator import check_types
+
+    try:
+        check_types({hp.name: value})
+    except PluginConfigError as exc:
+        hint = (f" ({hp.kind} samples floats: quniform with integral bounds and step samples integers)"
+                if hp.kind != "choice" and isinstance(value, float) else "")
+        raise PluginConfigError(f"{where}: {exc}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,13 +217,16 @@ def build_config(
     files = check_config_files(files)  # a yaml syntax error or a list: one line naming the file
     overrides = _merge_dict_overrides(files, dict(overrides or {}))
     config_dict = _merge_dict_overrides(files, dict(config_dict or {}))
-    config = PluginConfig(
-        model=model_class if model in PLUGIN_MODELS else model,
-        dataset=dataset,
-        config_file_list=files,
-        config_dict=config_dict,
-        cmd_overrides=overrides,
-    )
+    try:
+        config = PluginConfig(
+            model=model_class if model in PLUGIN_MODELS else model,
+            dataset=dataset,
+            config_file_list=files,
+            config_dict=config_dict,
+            cmd_overrides=overrides,
+        )
+    except (TypeError, ValueError, NotImplementedError) as exc:  # RecBole's own checks (``topk=[10,``, a metric it lacks)
+        raise PluginConfigError(f"RecBole refused the config: {exc}") from None
     config.plugin_files = [f for f in files if Path(f).resolve().is_relative_to(PROPERTIES_DIR.resolve())]
     check_types(config)
     validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read
