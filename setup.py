@@ -49,7 +49,7 @@ setup(
         "lmdb>=1.4",
         "pillow>=9",
         "matplotlib",
-        "pooch>=1.6",              # dataset download: sha256, retries, progress bar, atomic rename
+        "requests>=2.28",          # dataset download: HTTP range requests resume an interrupted file
         "statsmodels>=0.14",       # Holm correction of the comparisons' p-values
         "tabulate>=0.9",           # markdown tables
         "gdown>=5",                # the authors' image zips on Google Drive

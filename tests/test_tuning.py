@@ -262,7 +262,7 @@ def test_interrupted_search_resumes_and_a_failing_trial_is_listed(tmp_path, monk
     import subprocess
     import time
 
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     pytest.importorskip("ray")
     _tiny_dataset(tmp_path / "data")
