@@ -125,9 +125,24 @@ def _new_items_tsv(path: Path) -> list[tuple[str, str]]:
     return items
 
 
-def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
+def catalogue_embeddings(run, cfg: dict, tokens: list[str]) -> torch.Tensor:
+    """The trained side network's embeddings of ``tokens`` read from caches built from scratch over
+    the dataset of ``cfg`` (whose item file holds them as catalogue items)."""
     from recbole_iisan.data import cache as cache_mod
-    from recbole_iisan.serving.new_items import encode_new_items, standardize_like
+    from recbole_iisan.serving.new_items import standardize_like
+
+    folders = cache_mod.ensure_caches(cfg)
+    rebuilt = []
+    for tower in run.model.towers:
+        states, missing = cache_mod.load_states(folders[tower], tokens, run.model.states.layers[tower], torch.float32)
+        assert not missing
+        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
+    with torch.no_grad():
+        return run.model.side(*rebuilt).float()
+
+
+def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
+    from recbole_iisan.serving.new_items import encode_new_items
     from recbole_iisan.serving.recommend import load_run, recommend
 
     run = load_run(trained["ckpt"])
@@ -145,15 +160,8 @@ def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
 
     cfg = {**plugin_defaults(), **trained["config_dict"], "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
            "dataset": "tiny"}
-    folders = cache_mod.ensure_caches(cfg)
     model = run.model
-    rebuilt = []
-    for tower in model.towers:
-        states, missing = cache_mod.load_states(folders[tower], tokens, model.states.layers[tower], torch.float32)
-        assert not missing
-        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
-    with torch.no_grad():
-        expected = model.side(*rebuilt).float()
+    expected = catalogue_embeddings(run, cfg, tokens)
     torch.testing.assert_close(new.embeddings, expected, rtol=1e-5, atol=1e-5)
     # the known items' embeddings are unchanged (the trained model is untouched)
     with torch.no_grad():
@@ -254,9 +262,8 @@ def test_new_items_with_an_image_tower_equal_the_same_items_in_the_catalogue(tmp
     from test_encoders import make_tiny_bert
 
     from conftest import plugin_defaults
-    from recbole_iisan.data import cache as cache_mod
     from recbole_iisan.quick_start.pipeline import run as train
-    from recbole_iisan.serving.new_items import encode_new_items, standardize_like
+    from recbole_iisan.serving.new_items import encode_new_items
     from recbole_iisan.serving.recommend import load_run, recommend
 
     n_items = 16
@@ -299,15 +306,8 @@ def test_new_items_with_an_image_tower_equal_the_same_items_in_the_catalogue(tmp
         (imgs2 / f"{i}.png").symlink_to(new_dir / rel)
     cfg = {**plugin_defaults(), **cd, "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
            "image_dir": str(imgs2), "dataset": "tiny"}
-    folders = cache_mod.ensure_caches(cfg)
     model = run.model
-    rebuilt = []
-    for tower in model.towers:
-        states, missing = cache_mod.load_states(folders[tower], tokens, model.states.layers[tower], torch.float32)
-        assert not missing
-        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
-    with torch.no_grad():
-        expected = model.side(*rebuilt).float()
+    expected = catalogue_embeddings(run, cfg, tokens)
     torch.testing.assert_close(new.embeddings, expected, rtol=1e-4, atol=1e-4)
 
     # their scores: the user's representation times the catalogue-built embeddings
