@@ -6,9 +6,19 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# property-based tests (tests/test_fuzz_*.py, tests/fuzzing.py): the default profile "ci" is bounded
+# and reproducible; --hypothesis-profile=long runs 20 times as many random examples
+_FUZZ_COMMON = dict(deadline=None, print_blob=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                           HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=100, derandomize=True, **_FUZZ_COMMON)
+settings.register_profile("long", max_examples=2000, **_FUZZ_COMMON)
+settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -69,3 +79,16 @@ def tiny_data(tmp_path: Path) -> Path:
     """data_path (parent folder) holding the dataset 'tiny'."""
     write_tiny_dataset(tmp_path)
     return tmp_path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many examples each property-based test ran, and how long they took (tests/fuzzing.py)."""
+    import sys
+
+    fuzzing = sys.modules.get("fuzzing")
+    counts = getattr(fuzzing, "COUNTS", None)
+    if not counts:
+        return
+    terminalreporter.section(f"hypothesis examples (profile {settings.get_current_profile_name()})")
+    for name, (n, secs) in sorted(counts.items()):
+        terminalreporter.write_line(f"{name:<60} {n:>5} examples {secs:>7.1f} s")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, write_tiny_dataset
+from conftest import DINOV2, WORDS, write_tiny_dataset
 from recbole_iisan.quick_start import cli
 from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
@@ -125,9 +125,24 @@ def _new_items_tsv(path: Path) -> list[tuple[str, str]]:
     return items
 
 
-def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
+def catalogue_embeddings(run, cfg: dict, tokens: list[str]) -> torch.Tensor:
+    """The trained side network's embeddings of ``tokens`` read from caches built from scratch over
+    the dataset of ``cfg`` (whose item file holds them as catalogue items)."""
     from recbole_iisan.data import cache as cache_mod
-    from recbole_iisan.serving.new_items import encode_new_items, standardize_like
+    from recbole_iisan.serving.new_items import standardize_like
+
+    folders = cache_mod.ensure_caches(cfg)
+    rebuilt = []
+    for tower in run.model.towers:
+        states, missing = cache_mod.load_states(folders[tower], tokens, run.model.states.layers[tower], torch.float32)
+        assert not missing
+        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
+    with torch.no_grad():
+        return run.model.side(*rebuilt).float()
+
+
+def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
+    from recbole_iisan.serving.new_items import encode_new_items
     from recbole_iisan.serving.recommend import load_run, recommend
 
     run = load_run(trained["ckpt"])
@@ -145,15 +160,8 @@ def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
 
     cfg = {**plugin_defaults(), **trained["config_dict"], "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
            "dataset": "tiny"}
-    folders = cache_mod.ensure_caches(cfg)
     model = run.model
-    rebuilt = []
-    for tower in model.towers:
-        states, missing = cache_mod.load_states(folders[tower], tokens, model.states.layers[tower], torch.float32)
-        assert not missing
-        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
-    with torch.no_grad():
-        expected = model.side(*rebuilt).float()
+    expected = catalogue_embeddings(run, cfg, tokens)
     torch.testing.assert_close(new.embeddings, expected, rtol=1e-5, atol=1e-5)
     # the known items' embeddings are unchanged (the trained model is untouched)
     with torch.no_grad():
@@ -308,3 +316,80 @@ def test_a_dataset_or_model_contradicting_the_checkpoint_is_one_line(sasrec_cli,
     ok = _cli(f"--recommend={sasrec_cli['ckpt']}", "--dataset=tiny", "--model=SASRec", "--users=u1",
               cwd=sasrec_cli["root"])
     assert "user u1:" in ok.stdout, ok.stderr[-3000:]
+
+
+def _smooth_png(path: Path, seed: int) -> None:
+    """A photo-like (smooth) random image, not square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    Image.fromarray(base).resize((50, 70), resample=3).save(path)
+
+
+@pytest.mark.skipif(not DINOV2.is_dir(), reason=f"{DINOV2} absent (the shared dinov2-small)")
+def test_new_items_with_an_image_tower_equal_the_same_items_in_the_catalogue(tmp_path) -> None:
+    """--new_items through a model with an image tower (IISANVA, dinov2-small): the new items' embeddings
+    and scores equal those of the same items built as catalogue items from scratch (their images
+    in the dataset's image folder, a fresh cache)."""
+    from test_encoders import make_tiny_bert
+
+    from conftest import plugin_defaults
+    from recbole_iisan.quick_start.pipeline import run as train
+    from recbole_iisan.serving.new_items import encode_new_items
+    from recbole_iisan.serving.recommend import load_run, recommend
+
+    n_items = 16
+    write_tiny_dataset(tmp_path / "data", n_users=30, n_items=n_items, seq_len=(5, 7))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(n_items):
+        _smooth_png(imgs / f"i{i}.png", i)
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    items = [("new1", "red glass flask", "new1.png"), ("new2", "steel clamp set", "pics/new2.png")]
+    (new_dir / "pics").mkdir()
+    for k, (_, _, rel) in enumerate(items):
+        _smooth_png(new_dir / rel, 100 + k)
+    (new_dir / "new.tsv").write_text("".join(f"{i}\t{t}\t{p}\n" for i, t, p in items))
+
+    cd = {"data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "ckpt"),
+          "cache_dir": str(tmp_path / "cache"), "towers": ["text", "image"],
+          "text_encoder": str(make_tiny_bert(tmp_path / "bert")), "text_fields": ["title"],
+          "image_encoder": str(DINOV2), "image_dir": str(imgs), "image_backend": "pil",
+          "epochs": 1, "train_batch_size": 64, "eval_batch_size": 128, "embedding_size": 16, "sanb_size": 8,
+          "inner_size": 32, "encoder_batch_size": 16, "state_norm": "dim", "cache_dtype": "float32",
+          "show_progress": False}
+    result = train("IISANVA", "tiny", config_dict=cd, result_file=str(tmp_path / "res.json"))
+    run = load_run(result["checkpoint"])
+    assert run.model.towers == ["text", "image"]
+    new = encode_new_items(run, new_dir / "new.tsv")
+    tokens = [i for i, _, _ in items]
+
+    # from scratch: the new items as catalogue items (item file, image folder), a fresh cache
+    data2 = tmp_path / "data2"
+    write_tiny_dataset(data2, n_users=30, n_items=n_items, seq_len=(5, 7))
+    with open(data2 / "tiny" / "tiny.item", "a") as f:
+        f.writelines(f"{i}\t{t}\n" for i, t, _ in items)
+    imgs2 = tmp_path / "imgs2"
+    imgs2.mkdir()
+    for p in imgs.iterdir():
+        (imgs2 / p.name).symlink_to(p)
+    for i, _, rel in items:
+        (imgs2 / f"{i}.png").symlink_to(new_dir / rel)
+    cfg = {**plugin_defaults(), **cd, "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
+           "image_dir": str(imgs2), "dataset": "tiny"}
+    model = run.model
+    expected = catalogue_embeddings(run, cfg, tokens)
+    torch.testing.assert_close(new.embeddings, expected, rtol=1e-4, atol=1e-4)
+
+    # their scores: the user's representation times the catalogue-built embeddings
+    df = recommend(run, users=["u3"], topk=run.n_items + len(items), new_items=new_dir / "new.tsv")
+    seq, lengths, _ = run.user_histories(["u3"])
+    with torch.no_grad():
+        table = model.item_table()
+        s = torch.as_tensor(seq)
+        user = model.gather_indexes(model.encode_sequence(table[s], s), torch.as_tensor(lengths) - 1)
+        want = (user @ expected.t())[0]
+    got = df.set_index("item_id").score
+    np.testing.assert_allclose([got[t] for t in tokens], want.numpy(), rtol=1e-4, atol=1e-4)

@@ -16,7 +16,6 @@ checked after the merge, so ``--sanb_size=abc`` ends in one line naming the key 
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -46,15 +45,7 @@ PLUGIN_MODELS: dict[str, str] = {
     "BitFit": "recbole_iisan.model.baselines:BitFit",
 }
 
-_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,<>=.+-]+)\)")  # "(int)", "(int, >= 1)": see checks.py
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (float, int),
-    "str": (str,),
-    "bool": (bool,),
-    "list": (list, tuple),
-    "dict": (dict,),
-}
+from recbole_iisan.config.checks import check_types, typed_keys  # noqa: E402,F401  (the type rules live in checks.py)
 
 
 def plugin_model_names() -> list[str]:
@@ -142,44 +133,6 @@ def config_file_list(model: str, dataset: str, user_files: Optional[Iterable[str
     return out
 
 
-def typed_keys(files: Optional[Iterable[str]] = None) -> dict[str, str]:
-    """key -> accepted type names (``"int"``, ``"str|list"``), from the typed comments of the
-    properties yaml files (``# (int) ...``, ``# (str or list) ...``); declarations of one key
-    in several files are united."""
-    files = files if files is not None else sorted(PROPERTIES_DIR.rglob("*.yaml"))
-    types: dict[str, set[str]] = {}
-    for f in files:
-        for line in Path(f).read_text().splitlines():
-            m = _TYPED_COMMENT.match(line)
-            if not m:
-                continue
-            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t and t[0] not in "<>="}
-            if names and names <= set(_TYPES):
-                types.setdefault(m.group(1), set()).update(names)
-    return {k: "|".join(sorted(v)) for k, v in types.items()}
-
-
-def check_types(config: Any, types: Optional[dict[str, str]] = None) -> None:
-    """Raise PluginConfigError for the first documented key whose value has the wrong type."""
-    types = types if types is not None else typed_keys()
-    for key, tnames in types.items():
-        try:
-            value = config[key]
-        except KeyError:
-            continue
-        if value is None:
-            continue
-        ok = False
-        for tname in tnames.split("|"):
-            if isinstance(value, _TYPES[tname]) and not (tname in ("int", "float") and isinstance(value, bool)):
-                ok = True
-        if not ok:
-            expected = " or ".join(tnames.split("|"))
-            raise PluginConfigError(
-                f"config key '{key}' must be {expected}, got {value!r} ({type(value).__name__})"
-            )
-
-
 def _merge_dict_overrides(files: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     """A dict-valued override is merged into the files' dict of the same key."""
     file_values = None
@@ -211,13 +164,16 @@ def build_config(
     files = check_config_files(files)  # a yaml syntax error or a list: one line naming the file
     overrides = _merge_dict_overrides(files, dict(overrides or {}))
     config_dict = _merge_dict_overrides(files, dict(config_dict or {}))
-    config = PluginConfig(
-        model=model_class if model in PLUGIN_MODELS else model,
-        dataset=dataset,
-        config_file_list=files,
-        config_dict=config_dict,
-        cmd_overrides=overrides,
-    )
+    try:
+        config = PluginConfig(
+            model=model_class if model in PLUGIN_MODELS else model,
+            dataset=dataset,
+            config_file_list=files,
+            config_dict=config_dict,
+            cmd_overrides=overrides,
+        )
+    except (TypeError, ValueError, NotImplementedError) as exc:  # RecBole's own checks (``topk=[10,``, a metric it lacks)
+        raise PluginConfigError(f"RecBole refused the config: {exc}") from None
     config.plugin_files = [f for f in files if Path(f).resolve().is_relative_to(PROPERTIES_DIR.resolve())]
     check_types(config)
     validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read

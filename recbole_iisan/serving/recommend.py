@@ -71,7 +71,7 @@ class LoadedRun:
 
     def item_ids(self, tokens: Sequence[str], what: str = "--sequence") -> np.ndarray:
         known = self.dataset.field2token_id[self.iid_field]
-        unknown = [t for t in tokens if t not in known]
+        unknown = [t for t in tokens if known.get(t, 0) == 0]  # id 0 is RecBole's [PAD], no item
         if unknown:
             raise PluginConfigError(f"{what}: item id(s) {unknown[:5]} are not items of dataset "
                                     f"'{self.config['dataset']}' ({self.n_items - 1} items)")
@@ -349,7 +349,7 @@ def main(args: Any, overrides: dict, config_files: Optional[list] = None, config
     topk = max(topk) if isinstance(topk, (list, tuple)) else topk
     if not isinstance(topk, int) or topk < 1:
         raise PluginConfigError(f"--topk: expected a positive integer, got {topk!r}")
-    users = [u.strip() for u in (args.users or "").split(",") if u.strip()]
+    users = list(dict.fromkeys(u.strip() for u in (args.users or "").split(",") if u.strip()))  # once each
     sequences = [s.split() for s in (args.sequence or [])]
     run = load_run(args.recommend, overrides=overrides or None, config_files=config_files, config_dict=config_dict,
                    model=given.get("model"), dataset=given.get("dataset"), trust=bool(args.trust_checkpoint))
