@@ -31,6 +31,28 @@ WORDS = ("the a red blue green pipette tube glass flask lab digital scale meter 
          "steel clamp").split()
 
 
+def reference_hit_ndcg(model, test_data, k: int = 10) -> tuple[list[float], list[float]]:
+    """Each test user's Hit@k and NDCG@k computed here, independently of RecBole's evaluator: the
+    rank of the target among the model's full-sort scores (the padding item excluded, history
+    items masked as RecBole's loader masks them)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    hits: list[float] = []
+    ndcgs: list[float] = []
+    with torch.no_grad():
+        for inter, _hist, _pu, pos_i in test_data:
+            scores = model.full_sort_predict(inter)
+            scores[:, 0] = -np.inf
+            target = scores[torch.arange(len(pos_i)), pos_i]
+            rank = (scores > target[:, None]).sum(1) + 1
+            hits += (rank <= k).float().tolist()
+            ndcgs += [1.0 / math.log2(r + 1) if r <= k else 0.0 for r in rank.tolist()]
+    return hits, ndcgs
+
+
 def plugin_defaults(*names: str) -> dict:
     """The plugin's yaml defaults (``properties/overall.yaml`` then ``properties/<name>.yaml``, e.g.
     ``IISAN``) as a plain dict, for tests that call a module with a dict config."""

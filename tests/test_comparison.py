@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import reference_hit_ndcg
 from recbole_iisan.quick_start import cli
 from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
@@ -99,15 +99,7 @@ def test_per_user_metrics_equal_an_independent_rank_computation(tiny_data: Path,
     model = SASRec(cfg, test._dataset).eval()
     trainer = PluginTrainer(cfg, model)
     result = trainer.evaluate(test, load_best_model=False)
-    hits, ndcgs = [], []
-    with torch.no_grad():
-        for inter, _hist, _pu, pos_i in test:
-            scores = model.full_sort_predict(inter)
-            scores[:, 0] = -np.inf
-            target = scores[torch.arange(len(pos_i)), pos_i]
-            rank = (scores > target[:, None]).sum(1) + 1
-            hits += (rank <= 10).float().tolist()
-            ndcgs += [1.0 / math.log2(r + 1) if r <= 10 else 0.0 for r in rank.tolist()]
+    hits, ndcgs = reference_hit_ndcg(model, test)
     np.testing.assert_allclose(trainer.evaluator.per_user["hit@10"], hits)
     np.testing.assert_allclose(trainer.evaluator.per_user["ndcg@10"], ndcgs, rtol=1e-6)
     assert result["ndcg@10"] == round(float(np.mean(ndcgs)), 4)
