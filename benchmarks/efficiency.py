@@ -253,7 +253,14 @@ def memory_of(r: dict) -> float:
     return float(r.get("cuda_max_allocated") or r.get("peak_rss") or 0)
 
 
-def write_outputs(results: list[dict], cache_rows: list[dict], args, out_dir: Path) -> str:
+def encoder_label(encoder: str) -> str:
+    """A local encoder folder by its name (the machine's paths say nothing to a reader), a hub or
+    package name as it is."""
+    return Path(encoder).name if ("/" in encoder and Path(encoder).exists()) or encoder.startswith((".", "/")) else encoder
+
+
+def write_outputs(results: list[dict], cache_rows: list[dict], args, out_dir: Path,
+                  load_average: Any = None) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     ok = [r for r in results if "error" not in r]
     with open(out_dir / "efficiency.csv", "w", newline="") as f:
@@ -266,7 +273,10 @@ def write_outputs(results: list[dict], cache_rows: list[dict], args, out_dir: Pa
     mem_name = "CUDA max allocated / reserved (MB)" if device.startswith("cuda") else "peak RSS / RSS before training (MB)"
     lines.append(f"Device: {device}; batch sizes {args.batch_sizes}; {args.steps} timed steps after {args.warmup} "
                  f"warm-up; seconds per epoch = mean step time x batches per epoch (EXTRAPOLATED); "
-                 f"eval = one full item-table pass; towers {args.towers}.")
+                 f"eval = one full item-table pass; towers {args.towers}."
+                 + ("" if load_average is None else
+                    f" Load average at the end {load_average[0]:.1f} / {load_average[1]:.1f} / {load_average[2]:.1f} on "
+                    f"{os.cpu_count()} CPUs (times on a loaded machine vary; memory and parameters do not)."))
     for bs in sorted({r["batch_size"] for r in ok}):
         rs = [r for r in ok if r["batch_size"] == bs]
         scores = tpme([r["epoch_seconds_extrapolated"] for r in rs], [r["trainable_parameters"] for r in rs],
@@ -297,7 +307,7 @@ def write_outputs(results: list[dict], cache_rows: list[dict], args, out_dir: Pa
                   "| tower | encoder | items | rows stored / kept / all | du on disk (MB) | computed all layers (MB) | computed kept layers (MB) | build s (manifest) |",
                   "|---|---|---:|---|---:|---:|---:|---:|"]
         for c in cache_rows:
-            lines.append(f"| {c['tower']} | {c['encoder']} | {c['items']} | {c['stored_rows']} / {c['kept_rows']} / "
+            lines.append(f"| {c['tower']} | {encoder_label(c['encoder'])} | {c['items']} | {c['stored_rows']} / {c['kept_rows']} / "
                          f"{c['all_rows']} | {c['disk_bytes_du'] / 2**20:.1f} | {c['computed_bytes_all_layers'] / 2**20:.1f} | "
                          f"{c['computed_bytes_kept_layers'] / 2**20:.1f} | {c['build_seconds']} |")
         with open(out_dir / "cache.csv", "w", newline="") as f:
@@ -306,7 +316,8 @@ def write_outputs(results: list[dict], cache_rows: list[dict], args, out_dir: Pa
             w.writerows(cache_rows)
     text = "\n".join(lines)
     (out_dir / "efficiency.md").write_text(text + "\n")
-    (out_dir / "efficiency.json").write_text(json.dumps({"results": results, "cache": cache_rows}, indent=2))
+    (out_dir / "efficiency.json").write_text(json.dumps({"results": results, "cache": cache_rows,
+                                                         "load_average": load_average}, indent=2))
     plot(ok, out_dir / "efficiency.png", device)
     return text
 
@@ -361,10 +372,16 @@ def main(argv=None) -> None:
     p.add_argument("--run_pads", action="store_true", help="baselines run every slot incl. pads (the authors' way)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per method run")
     p.add_argument("--out_dir", default="benchmarks/results")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: write the tables and the plot again from <out_dir>/efficiency.json")
     args = p.parse_args(argv)
     if args._child:
         r = measure(json.loads(args._child))
         print("RESULT " + json.dumps(r), flush=True)
+        return
+    if args.render:
+        saved = json.loads((Path(args.out_dir) / "efficiency.json").read_text())
+        print(write_outputs(saved["results"], saved["cache"], args, Path(args.out_dir), saved.get("load_average")))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.towers == "text,image" and not (args.image_dir and args.image_encoder and Path(args.image_dir).exists()):
@@ -392,7 +409,7 @@ def main(argv=None) -> None:
             print(json.dumps({k: r.get(k) for k in ("method", "batch_size", "step_seconds", "epoch_seconds_extrapolated",
                                                       "eval_item_table_seconds", "peak_rss", "error")}), flush=True)
             results.append(r)
-    print(write_outputs(results, cache_rows, args, Path(args.out_dir)))
+    print(write_outputs(results, cache_rows, args, Path(args.out_dir), list(os.getloadavg())))
     print(f"\nwritten: {args.out_dir}/efficiency.md, efficiency.csv, efficiency.png, cache.csv")
 
 
