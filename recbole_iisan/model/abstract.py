@@ -213,12 +213,27 @@ class SideNetworkRecommender(SequentialRecommender):
         self._item_table_key = None
 
     def train(self, mode: bool = True):
-        self.invalidate_item_table()
+        # entering training frees the table; eval() keeps it: the key tells whether it is still valid,
+        # so a validation pass and the test pass after it share one table when nothing changed
+        if mode:
+            self.invalidate_item_table()
         return super().train(mode)
 
-    def load_state_dict(self, *args, **kwargs):
-        self.invalidate_item_table()
-        return super().load_state_dict(*args, **kwargs)
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """RecBole's; the item table survives loading the very parameters the model already holds (the
+        best epoch is the last one validated), and is dropped otherwise."""
+        same = self._item_table is not None and self._holds(state_dict)
+        out = super().load_state_dict(state_dict, *args, **kwargs)
+        if same:
+            self._item_table_key = self._table_key()
+        else:
+            self.invalidate_item_table()
+        return out
+
+    def _holds(self, state_dict) -> bool:
+        own = self.state_dict()
+        return own.keys() == state_dict.keys() and all(
+            torch.equal(own[k], v.to(own[k].device)) for k, v in state_dict.items() if torch.is_tensor(v))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:

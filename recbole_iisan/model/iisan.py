@@ -15,6 +15,7 @@ The user encoder, loss, item table and optimiser groups are
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from recbole_iisan.utils.errors import PluginConfigError
@@ -91,9 +92,11 @@ class IISANBase(SideNetworkRecommender):
         return self.states.key()
 
     def item_embeddings(self, ids):
-        h_a, h_b = self.states(ids)
         with self._autocast():
-            e = self.side(h_a, h_b)
+            if self.side.fused and hasattr(self.states, "rows_first") and not torch.is_autocast_enabled(ids.device.type):
+                e = self.side(*self.states.rows_first(ids), rows_first_states=True)
+            else:
+                e = self.side(*self.states(ids))
         if self.id_embedding is not None:
             return e.float() + self.id_embedding(ids) * self.id_seen[ids]
         return e.float()

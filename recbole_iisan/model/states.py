@@ -77,6 +77,13 @@ class CachedStates(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.states_a[ids].float(), self.states_b[ids].float()
 
+    def rows_first(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_a, M, D_a], [n_b, M, D_b])`` fp32 contiguous: the rows of items ``ids``, one
+        ``[M, D]`` block per row, gathered and converted once (what the fused side network reads)."""
+        from recbole_iisan.model.fused import rows_first
+
+        return rows_first(self.states_a[ids]), rows_first(self.states_b[ids])
+
     def key(self) -> tuple:
         return (self.states_a.data_ptr(), self.states_b.data_ptr())
 
