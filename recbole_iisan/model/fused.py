@@ -25,64 +25,69 @@ import torch
 SIDE_KERNELS = ("fused", "modules")
 
 
-def _step_input(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Optional[torch.Tensor], j: int,
-                z: Optional[torch.Tensor], out: torch.Tensor, mix: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``u_j`` written into ``out`` (which may be ``z``: in place): intra ``g h_j + (1 - g) z``
-    (``add``: ``h_j + z``), inter ``z + g xb_j + (1 - g) xa_j`` (``add``: ``z + xb_j + xa_j``; in
-    place it needs a ``mix`` buffer). The forward and the backward's recomputation call it alike, so
-    the backward sees the very bits the forward used."""
-    if kind == "intra":
+class Tower:
+    """A tower's weights prepared for one call: the down-projection with its bias as a last column
+    (``[n, r, D + 1]``), the up-projection transposed with its bias as a last row (``[n, r + 1, D]``),
+    the gates and ``1 - g`` as 0-dim tensors; ``kind``: ``intra`` (``u = g h + (1 - g) z``, ``add``:
+    ``h + z``) or ``inter`` (``u = z + g xb + (1 - g) xa``, ``add``: ``z + xb + xa``)."""
+
+    def __init__(self, kind: str, g: Optional[torch.Tensor], weights: Sequence[torch.Tensor]):
+        n = len(weights) // 4
+        self.kind, self.n = kind, n
+        self.down = torch.stack([torch.cat([weights[4 * j], weights[4 * j + 1][:, None]], 1) for j in range(n)])
+        self.up = torch.stack([torch.cat([weights[4 * j + 2], weights[4 * j + 3][:, None]], 1).t() for j in range(n)])
+        self.w_up = [weights[4 * j + 2] for j in range(n)]
+        self.w_down = [weights[4 * j] for j in range(n)]
+        self.down_t = [w.t() for w in self.down.unbind(0)]
+        self.ups = list(self.up.unbind(0))
+        self.g = g.unbind() if g is not None else None
+        self.keep = (1.0 - g).unbind() if g is not None else None
+
+    def step_input(self, xa, xb, j: int, z: Optional[torch.Tensor], out: torch.Tensor, mix=None) -> torch.Tensor:
+        """``u_j`` into ``out`` (which may be ``z``: in place; then ``inter`` needs a ``mix`` buffer);
+        ``xa``, ``xb``: the rows as lists of ``[c, D]``. The forward and the backward's recomputation
+        call it alike: the backward sees the very bits the forward used."""
+        g = self.g[j] if self.g is not None else None
+        if self.kind == "intra":
+            if z is None:
+                return torch.mul(xa[j], g, out=out) if g is not None else out.copy_(xa[j])
+            return torch.lerp(z, xa[j], g, out=out) if g is not None else torch.add(z, xa[j], out=out)
+        buf = out if z is None or out is not z else mix
+        torch.lerp(xa[j], xb[j], g, out=buf) if g is not None else torch.add(xa[j], xb[j], out=buf)
         if z is None:
-            return torch.mul(xa[j], g[j], out=out) if g is not None else out.copy_(xa[j])
-        return torch.lerp(z, xa[j], g[j], out=out) if g is not None else torch.add(z, xa[j], out=out)
-    buf = out if z is None or out is not z else mix
-    if g is not None:
-        torch.lerp(xa[j], xb[j], g[j], out=buf)
-    else:
-        torch.add(xa[j], xb[j], out=buf)
-    if z is None:
-        return buf
-    return out.add_(buf) if out is z else buf.add_(z)
+            return buf
+        return out.add_(buf) if out is z else buf.add_(z)
 
 
-def _activation(u: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
-    """``[relu(u W_down^T + b_down), 1]``: the bottleneck with a ones column for the up bias."""
-    r = w_down.size(0)
-    a = torch.empty(u.size(0), r + 1, dtype=u.dtype, device=u.device)
-    a[:, r] = 1.0
-    a[:, :r] = torch.addmm(b_down, u, w_down.t()).clamp_min_(0.0)
-    return a
+def _with_ones(c: int, width: int, like: torch.Tensor, lead: tuple = ()) -> torch.Tensor:
+    """``[*lead, c, width + 1]`` whose last column is 1 (the bias column of a matmul)."""
+    t = like.new_empty(*lead, c, width + 1)
+    t[..., width] = 1.0
+    return t
 
 
-def _up_with_bias(w_up: torch.Tensor, b_up: torch.Tensor) -> torch.Tensor:
-    """``[D, r + 1]``: the up-projection with its bias as the last column."""
-    return torch.cat([w_up, b_up[:, None]], dim=1)
-
-
-def up_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per step ``[r + 1, D]``: the up-projection (transposed) with its bias as the last row."""
-    return [_up_with_bias(weights[4 * j + 2], weights[4 * j + 3]).t() for j in range(len(weights) // 4)]
-
-
-def tower_forward(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Optional[torch.Tensor],
-                  weights: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], keep: bool):
-    """Run a tower's steps over ``c`` items. ``weights``: per step ``w_down [r, D], b_down [r],
-    w_up [D, r], b_up [D]``; ``ups``: :func:`up_weights`. Returns the last state ``z [c, D]`` and, with
-    ``keep``, each step's ``(a, z)`` for the backward (``u`` is recomputed there, in a scratch buffer);
-    without ``keep`` every step runs in place in one buffer."""
-    n, c, dim = xa.size(0), xa.size(1), xa.size(2)
-    scratch = xa.new_empty(c, dim)
-    mix = xa.new_empty(c, dim) if kind == "inter" and not keep else None
-    z, saved = None, []
+def tower_forward(tw: Tower, xa: torch.Tensor, xb: Optional[torch.Tensor], keep: bool):
+    """The tower's steps over ``c`` items (states ``[n, c, D]``). Returns the last state ``z [c, D]``
+    and, with ``keep``, ``(A [n, c, r + 1], Z [n, c, D])``: each step's bottleneck (with the ones
+    column) and state for the backward, which recomputes ``u``. Without ``keep`` one buffer holds
+    ``z`` and ``u`` in turn (in place)."""
+    n, c, dim = xa.shape
+    r = tw.down.size(1)
+    u_buf = _with_ones(c, dim, xa)
+    u = u_buf[:, :dim]
+    acts = _with_ones(c, r, xa, (n,) if keep else ())
+    states = xa.new_empty(n, c, dim) if keep else None
+    mix = xa.new_empty(c, dim) if tw.kind == "inter" and not keep else None
+    xs, xbs = xa.unbind(0), xb.unbind(0) if xb is not None else None
+    a_l = acts.unbind(0) if keep else [acts] * n
+    pre_l = acts[..., :r].unbind(0) if keep else [acts[:, :r]] * n
+    z_l = states.unbind(0) if keep else None
+    z = None
     for j in range(n):
-        u = _step_input(kind, xa, xb, g, j, z, out=scratch if keep or z is None else z, mix=mix)
-        a = _activation(u, weights[4 * j], weights[4 * j + 1])
-        if keep:
-            z = torch.addmm(u, a, ups[j])
-            saved.append((a, z))
-        else:
-            z = u.addmm_(a, ups[j])
-    return z, saved
+        tw.step_input(xs, xbs, j, z, out=u, mix=mix)
+        torch.mm(u_buf, tw.down_t[j], out=pre_l[j]).clamp_min_(0.0)
+        z = torch.addmm(u, a_l[j], tw.ups[j], out=z_l[j]) if keep else u.addmm_(a_l[j], tw.ups[j])
+    return z, (acts, states)
 
 
 class TowerFunction(torch.autograd.Function):
@@ -92,66 +97,77 @@ class TowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kind, chunk, xa, xb, g, out_w, *weights):
-        m = xa.size(1)
+        tw, m = Tower(kind, g, weights), xa.size(1)
         y = xa.new_empty(m, out_w.size(0))
-        saved, ups = [], up_weights(weights)
+        saved = []
         for s in range(0, m, chunk):
-            e = min(s + chunk, m)
-            z, steps = tower_forward(kind, xa[:, s:e], xb[:, s:e] if xb is not None else None, g, weights, ups,
-                                     keep=True)
-            torch.mm(z, out_w.t(), out=y[s:e])
-            saved += [t for step in steps for t in step]
-        ctx.kind, ctx.chunk, ctx.n = kind, chunk, xa.size(0)
-        ctx.save_for_backward(xa, xb, g, out_w, *weights, *saved)
+            z, kept = tower_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None, keep=True)
+            torch.mm(z, out_w.t(), out=y[s:s + chunk])
+            saved += kept
+        ctx.tower, ctx.chunk = tw, chunk
+        ctx.save_for_backward(xa, xb, out_w, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        kind, chunk, n = ctx.kind, ctx.chunk, ctx.n
-        xa, xb, g, out_w, *rest = ctx.saved_tensors
-        weights, saved = rest[: 4 * n], rest[4 * n:]
-        grads = [torch.zeros_like(w) for w in weights]
-        d_ups = [xa.new_zeros(w.size(0), w.size(1) + 1) for w in weights[2::4]]
+        tw, chunk = ctx.tower, ctx.chunk
+        xa, xb, out_w, *saved = ctx.saved_tensors
+        d_down, d_up = torch.zeros_like(tw.down), torch.zeros_like(tw.up)
         d_out = torch.zeros_like(out_w)
-        dg = xa.new_zeros(n) if g is not None else None
+        dots = []
         for c, s in enumerate(range(0, xa.size(1), chunk)):
-            e = min(s + chunk, xa.size(1))
-            steps = [saved[2 * (c * n + j): 2 * (c * n + j) + 2] for j in range(n)]
-            d_out.addmm_(dy[s:e].t(), steps[-1][1])
-            _tower_backward(kind, dy[s:e] @ out_w, xa[:, s:e], xb[:, s:e] if xb is not None else None, g, weights,
-                            steps, grads, d_ups, dg)
-        for j, d_up in enumerate(d_ups):
-            grads[4 * j + 2], grads[4 * j + 3] = d_up[:, :-1], d_up[:, -1]
+            acts, states = saved[2 * c], saved[2 * c + 1]
+            d_out.addmm_(dy[s:s + chunk].t(), states[-1])
+            dots += _tower_backward(tw, dy[s:s + chunk] @ out_w, xa[:, s:s + chunk],
+                                    xb[:, s:s + chunk] if xb is not None else None, acts, states, d_down, d_up)
+        grads = []
+        for j in range(tw.n):
+            grads += [d_down[j, :, :-1], d_down[j, :, -1], d_up[j, :-1].t(), d_up[j, -1]]
+        dg = _gate_grads(tw, dots) if tw.g is not None else None
         return (None, None, None, None, dg, d_out, *grads)
 
 
-def _tower_backward(kind, dz, xa, xb, g, weights, steps, grads, d_ups, dg) -> None:
-    """One chunk's backward, accumulating into ``grads`` (down weight and bias per step), ``d_ups``
-    (``[D, r + 1]`` per step) and ``dg``; ``dz`` (``[c, D]``) is updated in place."""
-    scratch = torch.empty_like(dz)
-    for j in reversed(range(len(steps))):
-        a = steps[j][0]
-        z_prev = steps[j - 1][1] if j else None
-        u = _step_input(kind, xa, xb, g, j, z_prev, out=scratch)
-        w_down, w_up = weights[4 * j], weights[4 * j + 2]
-        d_ups[j].addmm_(dz.t(), a)
-        da = (dz @ w_up).masked_fill_(a[:, :-1] == 0, 0.0)
-        grads[4 * j].addmm_(da.t(), u)
-        grads[4 * j + 1].add_(da.sum(0))
-        du = dz.addmm_(da, w_down)
-        if g is not None:
-            dg[j] += _gate_grad(kind, du, xa, xb, j, z_prev)
-            if kind == "intra" and j:
-                du.mul_(1.0 - g[j])
+def _tower_backward(tw: Tower, dz, xa, xb, acts, states, d_down, d_up) -> list:
+    """One chunk's backward, accumulating into ``d_down [n, r, D + 1]`` and ``d_up [n, r + 1, D]``;
+    ``dz`` (``[c, D]``) is updated in place. Returns the gate gradients' dot products, per step
+    (last first): intra ``(<du, h_j>, <du, z_{j-1}>)``, inter ``(<du, xb_j>, <du, xa_j>)``."""
+    n, c, dim = xa.shape
+    r = tw.down.size(1)
+    u_buf = _with_ones(c, dim, dz)
+    u, flat, dots = u_buf[:, :dim], dz.view(-1), []
+    xs, xbs, z_l = xa.unbind(0), xb.unbind(0) if xb is not None else None, states.unbind(0)
+    flat_a, flat_z = xa.reshape(n, -1).unbind(0), states.view(n, -1).unbind(0)
+    flat_b = xb.reshape(n, -1).unbind(0) if xb is not None else None
+    a_t, pre_l = acts.transpose(1, 2).unbind(0), acts[..., :r].unbind(0)
+    d_down_l, d_up_l = d_down.unbind(0), d_up.unbind(0)
+    for j in reversed(range(n)):
+        z_prev = z_l[j - 1] if j else None
+        tw.step_input(xs, xbs, j, z_prev, out=u)
+        d_up_l[j].addmm_(a_t[j], dz)
+        da = torch.ops.aten.threshold_backward(dz @ tw.w_up[j], pre_l[j], 0.0)
+        d_down_l[j].addmm_(da.t(), u_buf)
+        dz.addmm_(da, tw.w_down[j])
+        if tw.g is None:
+            continue
+        if tw.kind == "intra":
+            dots.append((flat.dot(flat_a[j]), flat.dot(flat_z[j - 1]) if j else None))
+            if j:
+                dz.mul_(tw.keep[j])
+        else:
+            dots.append((flat.dot(flat_b[j]), flat.dot(flat_a[j])))
+    return dots
 
 
-def _gate_grad(kind: str, du: torch.Tensor, xa, xb, j: int, z_prev: Optional[torch.Tensor]) -> torch.Tensor:
-    """dL/dg_j: intra ``<du, h_j - z_{j-1}>``, inter ``<du, xb_j - xa_j>`` (dot products, no buffers)."""
-    flat = du.view(-1)
-    if kind == "intra":
-        out = flat.dot(xa[j].reshape(-1))
-        return out - flat.dot(z_prev.view(-1)) if z_prev is not None else out
-    return flat.dot(xb[j].reshape(-1)) - flat.dot(xa[j].reshape(-1))
+def _gate_grads(tw: Tower, dots: list) -> torch.Tensor:
+    """dL/dg_j summed over the chunks: intra ``<du, h_j - z_{j-1}>``, inter ``<du, xb_j - xa_j>``."""
+    n = tw.n
+    out = []
+    for j in range(n):
+        terms = [dots[c * n + (n - 1 - j)] for c in range(len(dots) // n)]
+        pos = torch.stack([t[0] for t in terms]).sum()
+        neg = [t[1] for t in terms if t[1] is not None]
+        out.append(pos - torch.stack(neg).sum() if neg else pos)
+    return torch.stack(out)
 
 
 def tower_block_weights(blocks) -> list[torch.Tensor]:
@@ -165,14 +181,15 @@ def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Option
               blocks, out_w: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
     """``[M, d]``: the tower over rows-first states (``[n, M, D]`` contiguous) projected by ``out_w [d, D]``."""
     weights = tower_block_weights(blocks)
-    if torch.is_grad_enabled() and (out_w.requires_grad or any(w.requires_grad for w in weights)):
-        return TowerFunction.apply(kind, chunk or CHUNK, xa, xb, g, out_w, *weights)
     chunk = chunk or CHUNK
+    if torch.is_grad_enabled() and (out_w.requires_grad or any(w.requires_grad for w in weights)):
+        return TowerFunction.apply(kind, chunk, xa, xb, g, out_w, *weights)
     with torch.no_grad():
-        y, ups = xa.new_empty(xa.size(1), out_w.size(0)), up_weights(weights)
+        tw = Tower(kind, g, weights)
+        y = xa.new_empty(xa.size(1), out_w.size(0))
         for s in range(0, xa.size(1), chunk):
             sl = slice(s, s + chunk)
-            z, _ = tower_forward(kind, xa[:, sl], xb[:, sl] if xb is not None else None, g, weights, ups, keep=False)
+            z, _ = tower_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, keep=False)
             torch.mm(z, out_w.t(), out=y[sl])
         return y
 
@@ -185,7 +202,8 @@ def fold_head(head, fusion_block: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def rows_first(h: torch.Tensor) -> torch.Tensor:
-    """``[M, n, D]`` (any dtype) -> ``[n, M, D]`` fp32 contiguous, one pass."""
-    out = torch.empty(h.size(1), h.size(0), h.size(2), dtype=torch.float32, device=h.device)
+    """``[M, n, D]`` -> ``[n, M, D]`` contiguous, fp32 (fp64 stays fp64), in one pass."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    out = torch.empty(h.size(1), h.size(0), h.size(2), dtype=dtype, device=h.device)
     out.copy_(h.transpose(0, 1))
     return out
