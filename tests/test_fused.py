@@ -107,6 +107,7 @@ CASES = {
     "asymmetric heads": dict(head_type="asymmetric"),
     "rows 6 and 4 (top-aligned inter)": dict(n_a=6, n_b=4, head_type="asymmetric"),
     "inter bottleneck 8": dict(inter_sanb_size=8),
+    "widths 64 and 48 (DTLs: the inter tower as modules)": dict(dim_a=64, n_a=6, n_b=4, head_type="asymmetric"),
 }
 
 
@@ -150,8 +151,7 @@ def test_no_grad_path_equals_the_training_path():
     assert torch.equal(evaluated, again)
 
 
-@pytest.mark.parametrize("kw", [dict(sanb_activation="gelu"), dict(dim_a=64, head_type="asymmetric"),
-                                dict(frozen_backbone=True), dict(side_kernel="modules")])
+@pytest.mark.parametrize("kw", [dict(sanb_activation="gelu"), dict(frozen_backbone=True), dict(side_kernel="modules")])
 def test_what_the_fused_kernel_does_not_cover_runs_the_modules(kw):
     side = make_side(**kw)
     assert not side.fused

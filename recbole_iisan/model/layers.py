@@ -294,9 +294,9 @@ class SideNetwork(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """Whether ``side_kernel: fused`` applies: SANB towers with ReLU and no DTL (else the modules run)."""
-        return (self.config.side_kernel == "fused" and not self.frozen_backbone
-                and self.config.sanb_activation == "relu" and (self.inter is None or self.inter.dtls is None))
+        """Whether ``side_kernel: fused`` applies: SANB towers with ReLU (else the modules run; an inter
+        tower with DTLs runs as modules inside the fused path)."""
+        return self.config.side_kernel == "fused" and not self.frozen_backbone and self.config.sanb_activation == "relu"
 
     def forward(self, h_a: torch.Tensor, h_b: torch.Tensor, rows_first_states: bool = False) -> torch.Tensor:
         """``h_a [M, n_a, D_a]``, ``h_b [M, n_b, D_b]`` -> ``[M, d]``; with ``rows_first_states`` the
@@ -342,8 +342,11 @@ class SideNetwork(nn.Module):
         outs, bias = self.folded()
         y = None
         for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs):
-            g = tower.gates() if tower.gates is not None else None
-            part = run_tower(kind, x1, x2, g, tower.blocks, e)
+            if kind == "inter" and tower.dtls is not None:  # widths differ: the DTLs' inputs need gradients
+                part = tower(xa.transpose(0, 1), xb.transpose(0, 1)) @ e.t()
+            else:
+                g = tower.gates() if tower.gates is not None else None
+                part = run_tower(kind, x1, x2, g, tower.blocks, e)
             y = part if y is None else y + part
         return y + bias
 
