@@ -219,7 +219,7 @@ def _with_reference(model):
     def forward(h_a, h_b, rows_first_states=False):
         if rows_first_states:
             h_a, h_b = h_a.transpose(0, 1), h_b.transpose(0, 1)
-        return reference_side(ref.side, h_a, h_b)
+        return reference_side(ref.side, h_a.float(), h_b.float())
 
     ref.side.forward = forward
     return ref

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from recbole_iisan.model.fused import SIDE_KERNELS, fold_head, rows_first, run_tower
+from recbole_iisan.model import fused
+from recbole_iisan.model.fused import SIDE_KERNELS, fold_head, rows_first, run_tower, towers_in_lockstep
 from recbole_iisan.utils.resources import trainable_parameters
 
 GATE_TEMPERATURE = 0.1
@@ -300,14 +301,14 @@ class SideNetwork(nn.Module):
 
     def forward(self, h_a: torch.Tensor, h_b: torch.Tensor, rows_first_states: bool = False) -> torch.Tensor:
         """``h_a [M, n_a, D_a]``, ``h_b [M, n_b, D_b]`` -> ``[M, d]``; with ``rows_first_states`` the
-        states come as ``[n, M, D]`` fp32 contiguous (:func:`.fused.rows_first`)."""
+        states come as ``[n, M, D]`` (views of the cache, any float dtype: :func:`.fused.rows_first`)."""
         autocast = torch.is_autocast_enabled(h_a.device.type)
         if self.fused and not autocast:
             if not rows_first_states:
                 h_a, h_b = rows_first(h_a), rows_first(h_b)
             return self._forward_fused(h_a, h_b)
         if rows_first_states:
-            h_a, h_b = h_a.transpose(0, 1), h_b.transpose(0, 1)
+            h_a, h_b = h_a.transpose(0, 1).float(), h_b.transpose(0, 1).float()
         return self._forward_modules(h_a, h_b)
 
     def _tower_parts(self, xa: torch.Tensor, xb: torch.Tensor) -> list[tuple]:
@@ -340,10 +341,15 @@ class SideNetwork(nn.Module):
 
     def _forward_fused(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         outs, bias = self.folded()
+        if fused.LOCKSTEP and not torch.is_grad_enabled() and xa.size(0) == xb.size(0) and (self.inter is None or self.inter.dtls is None):
+            specs = [(kind, "ab" if x2 is not None else ("a" if x1 is xa else "b"),
+                      tower.gates() if tower.gates is not None else None, tower.blocks, e)
+                     for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs)]
+            return towers_in_lockstep(specs, xa, xb, bias)
         y = None
         for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs):
             if kind == "inter" and tower.dtls is not None:  # widths differ: the DTLs' inputs need gradients
-                part = tower(xa.transpose(0, 1), xb.transpose(0, 1)) @ e.t()
+                part = tower(xa.transpose(0, 1).to(e.dtype), xb.transpose(0, 1).to(e.dtype)) @ e.t()
             else:
                 g = tower.gates() if tower.gates is not None else None
                 part = run_tower(kind, x1, x2, g, tower.blocks, e)
