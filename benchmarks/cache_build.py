@@ -11,7 +11,7 @@ transform (no processor); printed: images/s of each, the torchvision/PIL time ra
 largest pixel difference in uint8 steps. ``--scales 1,4`` repeats that with every image
 enlarged 4x per side (re-encoded as JPEG, quality 90) to show how the cost grows with the
 pixels. Then a full cache build (LMDB image store -> states) with each backend: items/s and the
-largest state difference. torchvision must run beside the installed torch (README "Images").
+largest state difference. torchvision must run beside the installed torch (docs/data-and-caches.md).
 
 ``--shards N`` builds with ``cache_shards: N`` (N worker processes, each with OMP_NUM_THREADS
 torch threads when that is set); its build time then includes starting the workers and loading

@@ -30,33 +30,36 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from recbole_iisan.data import cache as cache_mod  # noqa: E402
+from recbole_iisan.data.cache import layout  # noqa: E402
+from recbole_iisan.data.cache.identity import digest  # noqa: E402
+from recbole_iisan.data.cache.integrity import check_manifest, lmdb_header  # noqa: E402
 
 
 def synthetic_cache(root: Path, n_items: int, rows: int, dim: int) -> tuple[Path, list[str]]:
-    ident = {"format": cache_mod.FORMAT_VERSION, "tower_kind": "text", "weights_fingerprint": "bench",
+    ident = {"format": layout.FORMAT_VERSION, "tower_kind": "text", "weights_fingerprint": "bench",
              "model_type": "bert", "n_layers": rows - 1, "dim": dim, "pooling": "cls",
              "dataset_fingerprint": f"random {n_items}", "dtype": "float16", "encoder_dtype": "float32",
              "max_length": 30, "fields": ["title"]}
-    folder = root / f"text-bench-{cache_mod._digest(ident)}"
+    folder = root / f"text-bench-{digest(ident)}"
     folder.mkdir(parents=True)
     layers = list(range(rows))
     tokens = [f"item{i:07d}" for i in range(n_items)]
     man = {k: ident[k] for k in ("weights_fingerprint", "model_type", "n_layers", "dim", "pooling",
                                  "dataset_fingerprint", "dtype", "encoder_dtype", "max_length", "fields")}
     man.update(identity=ident, layers=layers, item_count=n_items, complete=False)
-    value_bytes, seed = cache_mod._check_manifest(folder, man)
-    env = cache_mod._open_env(folder, int(n_items * (value_bytes + 4096) * 1.5) + 2**26)
+    value_bytes, seed = check_manifest(folder, man)
+    env = layout.open_env(folder, int(n_items * (value_bytes + 4096) * 1.5) + 2**26)
     rng = np.random.default_rng(0)
     for s in range(0, n_items, 64):
         arr = rng.standard_normal((min(64, n_items - s), rows, dim), dtype=np.float32).astype(np.float16)
-        cache_mod._put_batch(env, [t.encode() for t in tokens[s:s + 64]], arr, seed)
+        layout.put_batch(env, [t.encode() for t in tokens[s:s + 64]], arr, seed)
     env.sync(True)
     env.close()
-    head = cache_mod._lmdb_header(folder)
+    head = lmdb_header(folder)
     man["store"] = {"data_bytes": head["size"], "entries": head["entries"], "value_bytes": value_bytes}
     man["complete"] = True
-    (folder / cache_mod.MANIFEST).write_text(json.dumps(man))
-    (folder / cache_mod.COMPLETE).write_text("bench\n")
+    (folder / layout.MANIFEST).write_text(json.dumps(man))
+    (folder / layout.COMPLETE).write_text("bench\n")
     return folder, tokens
 
 

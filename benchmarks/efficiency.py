@@ -99,7 +99,7 @@ def measure(job: dict) -> dict:
 
     import recbole_iisan  # noqa: F401
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
     from recbole_iisan.trainer.trainer import PluginTrainer
 
     method, bs, cd = job["method"], int(job["batch_size"]), dict(job["config"])
@@ -202,7 +202,7 @@ def cache_report(cd: dict, dataset: str, model: str) -> list[dict]:
     from recbole_iisan.config.configurator import build_config
     from recbole_iisan.data import cache as cache_mod
 
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.utils import prepare_inputs
 
     config = build_config(model, dataset, config_dict=cd)
     paths = prepare_inputs(config)

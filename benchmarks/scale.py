@@ -111,22 +111,23 @@ def item_tokens(n_items: int) -> list[str]:
 
 def synthetic_identity(tower: str, n_items: int, rows: int, dim: int, seed: int) -> dict:
     """What identifies a synthetic cache (the cache's digest covers it, as for a real one)."""
-    from recbole_iisan.data import cache as cache_mod
+    from recbole_iisan.data.cache.layout import FORMAT_VERSION
 
-    return {"format": cache_mod.FORMAT_VERSION, "synthetic": True, "tower": tower, "items": n_items,
+    return {"format": FORMAT_VERSION, "synthetic": True, "tower": tower, "items": n_items,
             "n_layers": 2 * rows - 2, "dim": dim, "dtype": "float16", "seed": seed}
 
 
 def write_cache(folder: Path, tokens: list[str], rows: int, dim: int, seed: int, batch: int = 4096) -> dict:
-    """Random float16 states written in the cache's own format (``data/cache.py``: one LMDB
+    """Random float16 states written in the cache's own format (``data/cache/layout.py``: one LMDB
     transaction per batch, a crc32 after every value, the store record and the completion marker),
     so ``load_states`` verifies and reads them like a real cache; returns timings."""
     import torch
 
-    from recbole_iisan.data import cache as cache_mod
+    from recbole_iisan.data.cache import layout
+    from recbole_iisan.data.cache.integrity import lmdb_header
     from recbole_iisan.utils.files import atomic_write_json, atomic_write_text
 
-    if cache_mod.is_complete(folder):
+    if layout.is_complete(folder):
         return {"reused": True}
     if folder.exists():
         shutil.rmtree(folder)
@@ -136,26 +137,26 @@ def write_cache(folder: Path, tokens: list[str], rows: int, dim: int, seed: int,
     manifest = {"tower": folder.name, "encoder": "synthetic", "layers": layers, "dim": dim, "dtype": "float16",
                 "n_layers": 2 * rows - 2, "item_count": len(tokens), "dataset_items": len(tokens),
                 "identity": ident, "complete": False}
-    atomic_write_json(folder / cache_mod.MANIFEST, manifest)
-    crc_seed = cache_mod._seed(cache_mod._folder_digest(folder), layers)
-    value_bytes = rows * dim * 2 + cache_mod.CRC_BYTES
-    env = cache_mod._open_env(folder, int(len(tokens) * (-(-(value_bytes + 64) // 4096) + 1) * 4096 * 1.2) + 2**26)
+    atomic_write_json(folder / layout.MANIFEST, manifest)
+    crc_seed = layout.crc_seed(layout.folder_digest(folder), layers)
+    value_bytes = rows * dim * 2 + layout.CRC_BYTES
+    env = layout.open_env(folder, int(len(tokens) * (-(-(value_bytes + 64) // 4096) + 1) * 4096 * 1.2) + 2**26)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     try:
         for s in range(0, len(tokens), batch):
             part = tokens[s:s + batch]
             states = torch.randn((len(part), rows, dim), generator=gen)
-            cache_mod._put_batch(env, [t.encode("utf-8") for t in part], cache_mod._to_bytes(states, "float16"), crc_seed)
+            layout.put_batch(env, [t.encode("utf-8") for t in part], layout.to_bytes(states, "float16"), crc_seed)
         env.sync(True)
     finally:
         env.close()
     seconds = time.perf_counter() - t0
-    head = cache_mod._lmdb_header(folder)
+    head = lmdb_header(folder)
     manifest.update(complete=True, build_seconds=round(seconds, 3),
                     store={"data_bytes": head["size"], "entries": head["entries"], "value_bytes": value_bytes})
-    atomic_write_json(folder / cache_mod.MANIFEST, manifest)
-    atomic_write_text(folder / cache_mod.COMPLETE, "synthetic\n")
+    atomic_write_json(folder / layout.MANIFEST, manifest)
+    atomic_write_text(folder / layout.COMPLETE, "synthetic\n")
     return {"seconds": seconds}
 
 
@@ -197,10 +198,10 @@ def phase_build(a: argparse.Namespace) -> dict:
 
 def cache_folder(a: argparse.Namespace, tower: str) -> Path:
     """``<work>/cache/<tower>-synthetic-<digest>``: the digest of its identity, as a real cache's."""
-    from recbole_iisan.data import cache as cache_mod
+    from recbole_iisan.data.cache.identity import digest
 
     ident = synthetic_identity(tower, a.size, a.rows, a.dim, 1000 * TOWERS.index(tower) + a.size)
-    return Path(a.work) / "cache" / f"{tower}-synthetic-{cache_mod._digest(ident)}"
+    return Path(a.work) / "cache" / f"{tower}-synthetic-{digest(ident)}"
 
 
 def layers(a: argparse.Namespace) -> list[int]:

@@ -109,7 +109,7 @@ def main() -> None:
 
     import recbole_iisan  # noqa: F401
     from recbole_iisan.config.configurator import build_config, parse_overrides
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.utils import prepare_inputs
     from recbole_iisan.utils.tables import markdown_table
 
     models = [m for m in args.models.split(",") if m]

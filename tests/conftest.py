@@ -24,9 +24,10 @@ WORDS = ("the a red blue green pipette tube glass flask lab digital scale meter 
 def plugin_defaults(*names: str) -> dict:
     """The plugin's yaml defaults (``properties/overall.yaml`` then ``properties/<name>.yaml``, e.g.
     ``IISAN``) as a plain dict, for tests that call a module with a dict config."""
-    from recbole_iisan.config.configurator import PROPERTIES_DIR, _file_dicts
+    from recbole_iisan.config.checks import file_dicts
+    from recbole_iisan.config.configurator import PROPERTIES_DIR
 
-    return _file_dicts([str(PROPERTIES_DIR / "overall.yaml")] + [str(PROPERTIES_DIR / f"{n}.yaml") for n in names or ("IISAN",)])
+    return file_dicts([str(PROPERTIES_DIR / "overall.yaml")] + [str(PROPERTIES_DIR / f"{n}.yaml") for n in names or ("IISAN",)])
 
 
 def write_atomic_files(root: Path, name: str, sequences: dict, items: dict | None = None,

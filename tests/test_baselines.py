@@ -15,7 +15,7 @@ from recbole_iisan.config.configurator import build_config, get_model_class
 from recbole_iisan.data.dataset import MultimodalSequentialDataset
 from recbole_iisan.data.raw_inputs import RawInputSequentialDataset
 from recbole_iisan.evaluator.efficiency import tpme
-from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+from recbole_iisan.data.utils import create_dataset, prepare_inputs
 
 from conftest import WORDS, write_tiny_dataset
 

@@ -22,6 +22,7 @@ from recbole_iisan.data import cache as cache_mod  # noqa: E402
 from recbole_iisan.towers import encoders as enc  # noqa: E402
 from recbole_iisan.data.cache import CacheError, ensure_cache, load_states  # noqa: E402
 from recbole_iisan.towers.spec import TowerSpec  # noqa: E402
+from conftest import plugin_defaults  # noqa: E402
 from test_encoders import make_tiny_bert, make_tiny_llama, make_tiny_vit, random_images  # noqa: E402
 
 try:
@@ -253,14 +254,14 @@ def test_cache_root_rules(tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(CacheError, match="config key 'cache_dir'.*not a writable folder"):
-        cache_mod.cache_root({"cache_dir": str(blocker / "sub"), "dataset": "toy"})
+        cache_mod.cache_root({**plugin_defaults(), "cache_dir": str(blocker / "sub"), "dataset": "toy"})
     data = tmp_path / "data" / "toy"
     data.mkdir(parents=True)
     (data / "toy.item").write_text("item_id:token\ttitle:token_seq\nA\tred\n")
-    c = {"data_path": str(tmp_path / "data"), "dataset": "toy"}
+    c = {**plugin_defaults(), "data_path": str(tmp_path / "data"), "dataset": "toy"}
     assert cache_mod.cache_root(c) == data / "cache"
     # RecBole's Config already appends the dataset to data_path
-    assert cache_mod.cache_root({"data_path": str(data), "dataset": "toy"}) == data / "cache"
+    assert cache_mod.cache_root({**plugin_defaults(), "data_path": str(data), "dataset": "toy"}) == data / "cache"
     shutil.rmtree(data / "cache")
     (data / "cache").write_text("not a folder")  # default location unusable
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

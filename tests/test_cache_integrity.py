@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from recbole_iisan.data import cache as cache_mod  # noqa: E402
 from recbole_iisan.data.cache import CacheError, ensure_caches, load_states  # noqa: E402
+from recbole_iisan.data.cache.layout import open_env  # noqa: E402
 from test_cache import cfg, lmdb_dump, write_dataset  # noqa: E402
 from test_encoders import make_tiny_bert  # noqa: E402
 
@@ -64,7 +65,7 @@ def zero_bytes(folder: Path) -> None:
 def flip_value(folder: Path) -> None:
     """Overwrite 4 bytes of the last stored layer of one value, wherever the file holds it (LMDB
     may keep stale copies of a page, so every copy is hit)."""
-    env = cache_mod._open_env(folder, 0, readonly=True)
+    env = open_env(folder, 0, readonly=True)
     with env.begin() as txn:
         value = txn.get(b"I0007")
     env.close()

@@ -15,7 +15,7 @@ def _split(data: Path, model: str, frac: float):
 
     from recbole_iisan.evaluator.cold_start import apply
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset
+    from recbole_iisan.data.utils import create_dataset
 
     cfg = build_config(model, "tiny", config_dict={"data_path": str(data), "cold_start_items": frac,
                                                    "hidden_size": 16, "n_layers": 1, "n_heads": 1})

@@ -86,7 +86,7 @@ def test_per_user_metrics_equal_an_independent_rank_computation(tiny_data: Path,
     from recbole.utils import init_seed
 
     from recbole_iisan.config.configurator import build_config
-    from recbole_iisan.quick_start.pipeline import create_dataset
+    from recbole_iisan.data.utils import create_dataset
     from recbole_iisan.trainer.trainer import PluginTrainer
 
     cfg = build_config("SASRec", "tiny", config_dict={"data_path": str(tiny_data), "hidden_size": 16,

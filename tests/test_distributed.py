@@ -71,7 +71,7 @@ def _evaluate_checkpoint(model: str, args: list[str], checkpoint: str) -> dict:
     from recbole.data import data_preparation
 
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
     from recbole_iisan.trainer.trainer import PluginTrainer
     from recbole_iisan.config.configurator import parse_overrides
 

@@ -55,7 +55,7 @@ def test_dataset_rows_are_the_cached_states_in_recbole_id_order(tiny_data: Path,
         "data_path": str(tiny_data), "cache_dir": str(tmp_path / "cache"), "towers": ["text", "text2"],
         "text_encoder": encoders["bert"], "text2_encoder": encoders["bert2"], "text_fields": ["title"],
         "text2_fields": ["title"], "cache_dtype": "float32"})
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.utils import prepare_inputs
 
     prepare_inputs(cfg)  # the pipeline step: caches first, then the dataset only loads
     ds = MultimodalSequentialDataset(cfg)
@@ -85,7 +85,7 @@ def test_metrics_equal_a_hand_computation_from_full_sort_predict(tiny_data: Path
     from recbole.data import data_preparation
 
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
     from recbole_iisan.trainer.trainer import PluginTrainer
 
     cfg = build_config("IISANVS", "tiny", config_dict={

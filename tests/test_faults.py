@@ -361,7 +361,7 @@ def test_an_empty_config_file_is_fine(tiny_data, tmp_path, capsys):
 
 
 def test_a_search_space_that_can_sample_a_bad_value_is_refused_before_ray(tiny_data, tmp_path, monkeypatch):
-    from recbole_iisan.trainer import tuning
+    from recbole_iisan.quick_start import tune as tuning
     from recbole_iisan.utils.errors import PluginConfigError
 
     def no_ray(*a, **k):

@@ -1,7 +1,7 @@
 """Image bytes -> pixel values (recbole_iisan.towers.image_transform): the PIL path against a hand
 computation and the encoder's processor, torchvision against PIL, the config key and the cache
 identity. The torchvision comparisons run only where torchvision imports beside the installed torch
-(not in CI: PyPI's torchvision does not load beside the local CPU torch build; README "Images")."""
+(not in CI: PyPI's torchvision does not load beside the local CPU torch build; docs/data-and-caches.md)."""
 from __future__ import annotations
 
 import io

@@ -12,7 +12,7 @@ def _model(data: Path, tmp: Path, bert: str, **extra):
 
     from recbole_iisan.evaluator.cold_start import apply
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
 
     cfg = build_config("IISANVS", "tiny", config_dict={
         "data_path": str(data), "cache_dir": str(tmp / "cache"), "towers": ["text", "text2"],

@@ -78,7 +78,7 @@ def _setup(env, model: str, **extra):
     from recbole.utils import init_seed
 
     from recbole_iisan.config.configurator import get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
     from recbole_iisan.trainer.trainer import PluginTrainer
 
     cfg = _config(env, model, **extra)
@@ -446,7 +446,7 @@ def test_fp16_cache_refuses_states_beyond_65504(env, tmp_path: Path) -> None:
     from transformers import BertModel
 
     from recbole_iisan.utils.errors import CacheError
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.utils import prepare_inputs
 
     big = tmp_path / "bigbert"
     m = BertModel.from_pretrained(env["bert"])

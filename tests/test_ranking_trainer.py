@@ -9,7 +9,7 @@ from recbole.data import data_preparation
 import recbole_iisan  # noqa: F401  (compat shims)
 from recbole_iisan.quick_start import cli
 from recbole_iisan.config.configurator import build_config, get_model_class
-from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+from recbole_iisan.data.utils import create_dataset, prepare_inputs
 from recbole_iisan.trainer.trainer import PluginTrainer
 
 from conftest import write_tiny_dataset

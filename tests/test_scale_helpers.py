@@ -45,7 +45,7 @@ def test_streaming_evaluation_equals_recbole_full_sort(tmp_path, monkeypatch):
 
     from conftest import write_tiny_dataset
     from recbole_iisan.config.configurator import build_config, get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset
+    from recbole_iisan.data.utils import create_dataset
     from recbole_iisan.trainer.trainer import PluginTrainer
     from recbole_iisan.evaluator.ranking import evaluate_full_sort_streaming
 
@@ -78,7 +78,9 @@ def tiny_cache(tmp_path_factory):
     rng = random.Random(0)
     tokens = [f"i{k}" for k in range(50)]
     texts = [" ".join(rng.sample(["red", "blue", "flask", "tube", "glass", "scale", "lab", "set"], 3)) for _ in tokens]
-    cfg = {"cache_dir": str(root / "cache"), "encoder_batch_size": 16, "cache_dtype": "float16",
+    from conftest import plugin_defaults
+
+    cfg = {**plugin_defaults(), "cache_dir": str(root / "cache"), "encoder_batch_size": 16, "cache_dtype": "float16",
            "data_path": str(root / "data"), "dataset": "toy"}
     folder = ensure_cache(cfg, TowerSpec("text", "text", str(bert), ("title",), 12), [0, 2, 4], tokens, texts)
     return folder, tokens

@@ -7,7 +7,7 @@ import recbole_iisan  # noqa: F401  (compat shims)
 from recbole_iisan.config.configurator import build_config
 from recbole_iisan.data.cache import storage as state_store
 from recbole_iisan.data.dataset import MultimodalSequentialDataset
-from recbole_iisan.quick_start.pipeline import prepare_inputs
+from recbole_iisan.data.utils import prepare_inputs
 
 from conftest import write_tiny_dataset
 from test_encoders import make_tiny_bert

@@ -13,11 +13,11 @@ import yaml
 
 from recbole_iisan.config.configurator import PluginConfigError, parse_overrides
 from recbole_iisan.config.configurator import parse_value as convert_value
-from recbole_iisan.trainer.tuning import (
+from recbole_iisan.quick_start.tune import trial_config_dict
+from recbole_iisan.trainer.hyper_tuning import (
     parse_hyper_file,
     parse_hyper_line,
     search_space,
-    trial_config_dict,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +122,33 @@ def test_overrides_convert_like_recbole():
     assert d["iisan_lr"] == {"recsys": 1e-3, "text_sanb": 1e-4} and d["show_progress"] is False
 
 
+@pytest.mark.parametrize("name", ["hyperopt", "optuna"])
+def test_search_algorithms_sample_the_space_within_bounds(name):
+    """``--search_alg=hyperopt|optuna`` on the current Ray Tune (numpy 2): seeded suggestions from
+    the repository's hyper.test, each value inside its line's bounds, the same for the same seed."""
+    pytest.importorskip(name)
+    from recbole_iisan.trainer.hyper_tuning import _search_alg
+
+    params = {p.name: p for p in parse_hyper_file(str(REPO / "hyper.test"))}
+
+    def draws(seed):
+        alg = _search_alg(name, "ndcg@10", 0, seed)
+        assert alg.set_search_properties("ndcg@10", "max", search_space(params.values()))
+        return [alg.suggest(f"t{i}") for i in range(3)]
+
+    first = draws(7)
+    assert first == draws(7)
+    for cfg in first:
+        assert set(cfg) == set(params)
+        for k, hp in params.items():
+            if hp.kind == "choice":
+                assert cfg[k] in hp.values, (k, cfg[k])
+            elif hp.kind == "loguniform":
+                assert math.exp(hp.values[0]) <= cfg[k] <= math.exp(hp.values[1]), (k, cfg[k])
+            else:
+                assert hp.values[0] <= cfg[k] <= hp.values[1], (k, cfg[k])
+
+
 # --------------------------------------------------------------------------------------------
 # a real search
 
@@ -224,6 +251,71 @@ def test_real_search_sasrec(tmp_path, local_ray, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["run_recbole_iisan.py"] + argv)
     assert cli.main(argv) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_interrupted_search_resumes_and_a_failing_trial_is_listed(tmp_path, monkeypatch, capsys):
+    """A search interrupted by Ctrl-C (SIGINT to the driver, after its first trial finished) goes
+    on with ``--resume`` (``tune.Tuner.restore``): the finished trial is not run again, the rest
+    run, and a trial that fails (16 hidden units cannot be split over 3 heads) is listed with its
+    error while the others complete."""
+    import signal
+    import subprocess
+    import time
+
+    from recbole_iisan import cli
+
+    pytest.importorskip("ray")
+    _tiny_dataset(tmp_path / "data")
+    # n_heads 3 fails in SASRec's constructor; grid over it so both values are tried
+    hyper = _write(tmp_path, "n_heads choice [1,3]\nlearning_rate loguniform -7,-4\n")
+    storage = tmp_path / "ray_results"
+    argv = ["--model=SASRec", "--dataset=tiny", f"--tune={hyper}", "--num_samples=4", "--max_concurrent=1",
+            "--cpus_per_trial=1", f"--storage_path={storage}", "--tune_name=r", f"--data_path={tmp_path / 'data'}",
+            "--epochs=2", "--hidden_size=16", "--inner_size=32", "--n_layers=1", "--train_batch_size=64",
+            "--eval_batch_size=256", "--state=warning"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    log = tmp_path / "driver.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, str(REPO / "run_recbole_iisan.py"), *argv], cwd=tmp_path, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not list(storage.glob("r/*/recbole_result.json")) and time.time() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+            first = list(storage.glob("r/*/recbole_result.json"))
+            assert first, log.read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: Ray Tune saves the experiment state and stops
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log.read_text()
+    assert "the search was interrupted: continue it with the same command and --resume" in out, out[-3000:]
+    assert "interrupted (continue with --resume)" in out  # the table names the unfinished trials
+    done_before = {f: f.stat().st_mtime_ns for f in storage.glob("r/*/recbole_result.json")}
+    assert 1 <= len(done_before) < 4
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["run_recbole_iisan.py"] + argv + ["--resume"])
+    rc = cli.main(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "resuming the search from" in out
+    table = [l for l in out.splitlines() if l.startswith("| ")]
+    assert len(table) == 1 + 4, out
+    rows = {l.split("|")[1].strip(): l for l in table[1:]}
+    for row in rows.values():
+        heads = row.split("|")[2].strip()
+        if heads == "3":  # listed with the model's own error, not hidden
+            assert "error: " in row and "multiple of the number of attention heads" in row, row
+        else:
+            assert ("completed" in row) or ("stopped early by ASHA" in row), row
+    assert any(r.split("|")[2].strip() == "3" for r in rows.values()), out  # a failing trial was sampled
+    assert "the search was interrupted" not in out and "interrupted (continue" not in out
+    # the trials that had finished were not run again
+    for f, mtime in done_before.items():
+        assert f.stat().st_mtime_ns == mtime, f
 
 
 def test_malformed_hyper_file_exit_code_2(tmp_path, monkeypatch, capsys):

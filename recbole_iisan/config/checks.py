@@ -48,12 +48,10 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b,
 }
 
-#: keys RecBole sets or reads from ``config_dict`` without documenting them in its yaml files, and
-#: keys the plugin reads that are not in ``properties/*.yaml`` yet
+#: keys RecBole sets or reads from ``config_dict`` without documenting them in its yaml files
 INTERNAL_KEYS = frozenset({
     "model", "dataset", "MODEL_TYPE", "MODEL_INPUT_TYPE", "device", "single_spec", "local_rank",
     "world_size", "ip", "port", "nproc", "offset", "eval_type", "valid_metric_bigger",
-    "cache_layers", "cache_rebuild", "encoder_dtype", "raw_dir",
 })
 TOWER_KEY_SUFFIXES = ("_encoder", "_fields", "_max_length", "_pooling")
 LAYER_SCHEME_KEYS = ("layer_scheme", "deep_layer_scheme")
@@ -314,3 +312,36 @@ def check_search_space(params: Sequence[Any], config: Any, hyper_file: str) -> N
         for v in values:
             if hp.name in LAYER_SCHEME_KEYS or hp.name in enums or hp.name in ranges:
                 check_value(hp.name, v, ranges.get(hp.name, ()), enums.get(hp.name), where=where)
+
+
+# --------------------------------------------------------------------------------------------
+# merged yaml files, computed metrics
+
+def file_dicts(files: Sequence[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_recbole_yaml_loader()) or {}  # noqa: RecBole's loader
+        if isinstance(data, dict):
+            merged.update(data)
+    return merged
+
+
+def _recbole_yaml_loader():
+    from recbole.config import Config
+
+    return Config._build_yaml_loader(None)  # noqa: SLF001  (RecBole's yaml reading: 1e-4 is a float)
+
+
+def check_metrics(config: Any) -> None:
+    """``valid_metric`` must be one of the metrics the run computes (``metrics`` x ``topk``)."""
+    valid = str(config["valid_metric"]).lower()
+    topk = config["topk"] or []
+    computed = {f"{m.lower()}@{k}" for m in (config["metrics"] or []) for k in topk}
+    computed |= {m.lower() for m in (config["metrics"] or [])}  # metrics without a cut-off (e.g. MRR?)
+    if valid not in computed:
+        raise PluginConfigError(
+            f"config key 'valid_metric' is {config['valid_metric']!r}, which this run does not compute "
+            f"(metrics {config['metrics']} x topk {topk} gives {sorted(computed)}): choose one of them, "
+            f"e.g. --valid_metric=NDCG@{topk[0] if topk else 10}"
+        )

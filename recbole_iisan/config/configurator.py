@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
-from recbole.config import Config
 
-from recbole_iisan.utils.errors import PluginConfigError
-from recbole_iisan.utils.files import properties_dir
+from recbole_iisan.utils.compat import require_recbole
+
+require_recbole()  # without RecBole: one line saying how to install it (the command line prints it)
+
+from recbole.config import Config  # noqa: E402
+
+from recbole_iisan.config.checks import file_dicts  # noqa: E402
+from recbole_iisan.utils.errors import PluginConfigError  # noqa: E402
+from recbole_iisan.utils.files import properties_dir  # noqa: E402
 
 PROPERTIES_DIR = properties_dir()
 
@@ -180,41 +186,17 @@ def check_types(config: Any, types: Optional[dict[str, str]] = None) -> None:
             )
 
 
-def _file_dicts(files: Sequence[str]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=Config._build_yaml_loader(None)) or {}  # noqa: RecBole's loader
-        if isinstance(data, dict):
-            merged.update(data)
-    return merged
-
-
 def _merge_dict_overrides(files: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     """A dict-valued override is merged into the files' dict of the same key."""
     file_values = None
     out = dict(overrides)
     for key, value in overrides.items():
         if isinstance(value, dict):
-            file_values = file_values if file_values is not None else _file_dicts(files)
+            file_values = file_values if file_values is not None else file_dicts(files)
             base = file_values.get(key)
             if isinstance(base, dict):
                 out[key] = {**base, **value}
     return out
-
-
-def check_metrics(config: Any) -> None:
-    """``valid_metric`` must be one of the metrics the run computes (``metrics`` x ``topk``)."""
-    valid = str(config["valid_metric"]).lower()
-    topk = config["topk"] or []
-    computed = {f"{m.lower()}@{k}" for m in (config["metrics"] or []) for k in topk}
-    computed |= {m.lower() for m in (config["metrics"] or [])}  # metrics without a cut-off (e.g. MRR?)
-    if valid not in computed:
-        raise PluginConfigError(
-            f"config key 'valid_metric' is {config['valid_metric']!r}, which this run does not compute "
-            f"(metrics {config['metrics']} x topk {topk} gives {sorted(computed)}): choose one of them, "
-            f"e.g. --valid_metric=NDCG@{topk[0] if topk else 10}"
-        )
 
 
 def build_config(
@@ -245,65 +227,11 @@ def build_config(
     config.plugin_files = [f for f in files if Path(f).resolve().is_relative_to(PROPERTIES_DIR.resolve())]
     check_types(config)
     validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read
+    from recbole_iisan.config.protocol import resolve_protocol
+
     resolve_protocol(config)
     if model in PLUGIN_MODELS:  # RecBole's own models have no towers
         from recbole_iisan.towers.spec import resolve_towers
 
         resolve_towers(config)
     return config
-
-
-# --------------------------------------------------------------------------------------------
-# protocol-dependent defaults (resolved once, here)
-
-#: what ``paper_protocol: True`` changes when the user did not set the key: the authors' code
-#: (github.com/GAIR-Lab/IISAN ``Code_Cached/scripts/run_IISAN.py``; IISAN-Versa, TKDE, arXiv
-#: 2411.02992, Sec. V-A): batch 64, selection and early stopping on validation HR@10 (patience 10)
-PAPER_PROTOCOL_DEFAULTS = {"valid_metric": "Hit@10", "stopping_step": 10, "train_batch_size": 64}
-
-
-def user_set(config: Any, key: str) -> bool:
-    """Whether the user gave ``key`` (command line, ``config_dict`` or a config file of their own)
-    rather than the plugin's yaml files. A user file that repeats the plugin's default value
-    counts as not given."""
-    for layer in ("cmd_config_dict", "variable_config_dict"):
-        if key in (getattr(config, layer, None) or {}):
-            return True
-    files = getattr(config, "file_config_dict", None) or {}
-    if key not in files:
-        return False
-    plugin = _file_dicts(getattr(config, "plugin_files", []) or [])
-    return key not in plugin or plugin[key] != files[key]
-
-
-def _auto(config: Any, key: str, paper_value: Any, recbole_value: Any, auto_values=(None, "auto")) -> None:
-    """``config[key]`` from its automatic value to the protocol's; a key the model's yaml files do
-    not declare stays absent (RecBole's ``Config`` answers None for any absent key)."""
-    if key not in getattr(config, "final_config_dict", config):
-        return
-    if config[key] in auto_values:
-        config[key] = paper_value if config["paper_protocol"] else recbole_value
-
-
-def resolve_protocol(config: Any) -> None:
-    """Every protocol-dependent default, resolved in place, once (idempotent; also applied to the
-    config a checkpoint holds).
-
-    - ``mask_history: ~`` -> ``paper_protocol``;
-    - ``selection_rule: ~`` -> ``authors`` under the paper protocol (the first epoch whose
-      unrounded validation score is strictly higher), else ``recbole`` (RecBole's ``>=`` on the
-      4-decimal rounded score: the later of tied epochs);
-    - plugin models: ``loss_positions: auto`` -> ``all`` (every position of the user's window)
-      under the paper protocol, else ``last``; ``user_encoder: ~`` -> ``authors`` / ``recbole``;
-    - under the paper protocol, :data:`PAPER_PROTOCOL_DEFAULTS` for every key the user did not set.
-    Then ``valid_metric`` must be computed by the run (one line otherwise)."""
-    config["paper_protocol"] = bool(config["paper_protocol"])
-    _auto(config, "mask_history", True, False, auto_values=(None,))
-    _auto(config, "selection_rule", "authors", "recbole")
-    _auto(config, "loss_positions", "all", "last")
-    _auto(config, "user_encoder", "authors", "recbole")
-    if config["paper_protocol"]:
-        for key, value in PAPER_PROTOCOL_DEFAULTS.items():
-            if not user_set(config, key):
-                config[key] = value
-    check_metrics(config)

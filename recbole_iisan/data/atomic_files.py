@@ -36,7 +36,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("recbole_iisan.prepare")
 
@@ -115,10 +115,9 @@ def _check_token(token: str, path: Path, lineno: int, what: str) -> None:
                            f"found {token!r}")
 
 
-def read_items(path: PathLike) -> Dict[str, str]:
-    """``item_id -> raw title`` in items-file order (titles not cleaned yet)."""
-    path = Path(path)
-    items: Dict[str, str] = {}
+def _keyed_lines(path: Path, what: str, second: str) -> Iterator[Tuple[int, str, str]]:
+    """``(line number, id, second column)`` of a two-column TAB file whose first column holds
+    unique ids (``what``: "item" or "user"); blank lines skipped, each bad line one error."""
     first_line: Dict[str, int] = {}
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
@@ -126,17 +125,23 @@ def read_items(path: PathLike) -> Dict[str, str]:
         cols = line.split("\t")
         if len(cols) != 2:
             raise PrepareError(f"{path}:{lineno}: expected 2 TAB-separated columns "
-                               f"(item id, title), found {len(cols)}")
-        item = cols[0].strip()
-        if not item or _WS.search(item):
-            raise PrepareError(f"{path}:{lineno}: expected a non-empty item id without spaces "
+                               f"({what} id, {second}), found {len(cols)}")
+        key = cols[0].strip()
+        if not key or _WS.search(key):
+            raise PrepareError(f"{path}:{lineno}: expected a non-empty {what} id without spaces "
                                f"in column 1, found {cols[0]!r}")
-        _check_token(item, path, lineno, "item id")
-        if item in items:
-            raise PrepareError(f"{path}:{lineno}: expected unique item ids, {item!r} is already "
-                               f"on line {first_line[item]}")
-        items[item] = cols[1]
-        first_line[item] = lineno
+        _check_token(key, path, lineno, f"{what} id")
+        if key in first_line:
+            raise PrepareError(f"{path}:{lineno}: expected unique {what} ids, {key!r} is already "
+                               f"on line {first_line[key]}")
+        first_line[key] = lineno
+        yield lineno, key, cols[1]
+
+
+def read_items(path: PathLike) -> Dict[str, str]:
+    """``item_id -> raw title`` in items-file order (titles not cleaned yet)."""
+    path = Path(path)
+    items = {item: title for _, item, title in _keyed_lines(path, "item", "title")}
     if not items:
         raise PrepareError(f"{path}: expected item lines (item id TAB title), the file is empty")
     return items
@@ -146,27 +151,11 @@ def read_users(path: PathLike) -> List[Tuple[str, List[str], int]]:
     """``[(user_id, [item, ...] oldest first, line number), ...]`` in file order."""
     path = Path(path)
     users: List[Tuple[str, List[str], int]] = []
-    first_line: Dict[str, int] = {}
-    for lineno, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        cols = line.split("\t")
-        if len(cols) != 2:
-            raise PrepareError(f"{path}:{lineno}: expected 2 TAB-separated columns "
-                               f"(user id, space-separated item ids), found {len(cols)}")
-        user = cols[0].strip()
-        if not user or _WS.search(user):
-            raise PrepareError(f"{path}:{lineno}: expected a non-empty user id without spaces "
-                               f"in column 1, found {cols[0]!r}")
-        _check_token(user, path, lineno, "user id")
-        seq = cols[1].split()
+    for lineno, user, items in _keyed_lines(path, "user", "space-separated item ids"):
+        seq = items.split()
         if not seq:
             raise PrepareError(f"{path}:{lineno}: expected at least one item id in column 2 "
                                f"of user {user!r}, found none")
-        if user in first_line:
-            raise PrepareError(f"{path}:{lineno}: expected unique user ids, {user!r} is already "
-                               f"on line {first_line[user]}")
-        first_line[user] = lineno
         users.append((user, seq, lineno))
     if not users:
         raise PrepareError(f"{path}: expected user lines (user id TAB item ids), "

@@ -10,7 +10,7 @@ the same split.
 ``MultimodalSequentialDataset`` adds, per tower, the cached frozen-encoder states as ONE
 contiguous tensor ``[n_items, n_rows, dim]`` in RecBole's internal item-id order (row 0 = the
 padding item, zeros). It only loads: the caches are built before any dataset
-(``quick_start.prepare_inputs``), which leaves their folders in ``config["item_state_caches"]``.
+(``recbole_iisan.data.utils.prepare_inputs``), which leaves their folders in ``config["item_state_caches"]``.
 They are loaded once; RecBole's split copies share them.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils.enum_type import FeatureSource, FeatureType
+from recbole_iisan.utils.errors import CacheError
 from recbole_iisan.utils.files import setting
 
 
@@ -148,15 +149,17 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
         self._load_item_states()
 
     def _load_item_states(self) -> None:
-        from recbole_iisan.data import cache as cache_mod
+        from recbole_iisan.data.cache import storage as state_store
+        from recbole_iisan.data.cache.layout import read_manifest
+        from recbole_iisan.data.cache.paths import encoder_depth, model_layers, tower_specs_for
 
         paths = self.config["item_state_caches"]
         if not paths:
-            raise cache_mod.CacheError(
+            raise CacheError(
                 "the encoder caches are not prepared: the dataset only loads them; run "
-                "recbole_iisan.quick_start.prepare_inputs(config) (or python -m recbole_iisan.build_cache) first")
-        specs = {s.name: s for s in cache_mod.tower_specs_for(self.config)}
-        layers = cache_mod.model_layers(self.config, list(specs.values()))
+                "recbole_iisan.data.utils.prepare_inputs(config) (or python -m recbole_iisan.build_cache) first")
+        specs = {s.name: s for s in tower_specs_for(self.config)}
+        layers = model_layers(self.config, list(specs.values()))
         dtype = getattr(torch, str(setting(self.config, "cache_dtype")))
         # internal id -> token; row 0 is the padding token "[PAD]"
         tokens = [str(t) for t in self.field2id_token[self.iid_field][1:]]
@@ -165,11 +168,10 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
         self.item_state_layers: dict[str, list[int]] = {}
         self.encoder_depths: dict[str, int] = {}
         self.missing_items: dict[str, int] = {}
-        from recbole_iisan.data.cache import storage as state_store
 
         # memory (one padded tensor filled straight from LMDB) or a memory-mapped file (catalogues
         # larger than RAM); auto picks by the states' size against the available memory
-        total = sum(state_store.state_bytes(len(tokens), len(layers[n]), int(cache_mod.read_manifest(paths[n])["dim"]),
+        total = sum(state_store.state_bytes(len(tokens), len(layers[n]), int(read_manifest(paths[n])["dim"]),
                                             dtype) for n in self.towers)
         storage = state_store.choose_storage(str(setting(self.config, "state_storage")), total)
         self.state_storage = storage
@@ -177,14 +179,14 @@ class MultimodalSequentialDataset(ProtocolSequentialDataset):
             full, missing = state_store.load_item_states(paths[name], tokens, layers[name], dtype=dtype, storage=storage)
             self.item_states[name] = full
             self.item_state_layers[name] = list(layers[name])
-            self.encoder_depths[name] = cache_mod.encoder_depth(specs[name])
+            self.encoder_depths[name] = encoder_depth(specs[name])
             self.missing_items[name] = len(missing)
             if specs[name].is_image:
                 from recbole_iisan.data.images import check_missing_images
 
                 check_missing_images(self.config, name, [tokens[i] for i in missing], len(tokens), "zero states")
             elif missing:
-                raise cache_mod.CacheError(
+                raise CacheError(
                     f"tower '{name}': {len(missing)} of {len(tokens)} items of the dataset have no cached state "
                     f"(first: {[tokens[i] for i in missing[:5]]}); re-run build_cache")
             mb = full.numel() * full.element_size() / 2**20

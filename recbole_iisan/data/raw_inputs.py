@@ -94,11 +94,11 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
         self._load_raw_inputs()
 
     def _load_raw_inputs(self) -> None:
-        from recbole_iisan.data import cache as cache_mod
+        from recbole_iisan.data.cache.paths import item_id_field, read_item_file, tower_specs_for
 
-        names, cols = cache_mod.read_item_file(self.config)
-        specs = cache_mod.tower_specs_for(self.config)
-        id_field = cache_mod._item_id_field(self.config, names)
+        names, cols = read_item_file(self.config)
+        specs = tower_specs_for(self.config)
+        id_field = item_id_field(self.config, names)
         file_tokens = cols[id_field]
         row_of = {t: i for i, t in enumerate(file_tokens)}
         tokens = [str(t) for t in self.field2id_token[self.iid_field][1:]]  # internal ids 1..n-1
@@ -126,21 +126,22 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
                 logger.info(f"tower '{spec.name}': tokenised {len(texts)} item texts to {tuple(ids.shape)}")
 
     def _image_inputs(self, spec: Any, tokens: list[str]) -> dict[str, torch.Tensor]:
-        from recbole_iisan.data import cache as cache_mod
+        from recbole_iisan.data.cache.identity import store_path
+        from recbole_iisan.data.cache.paths import cache_root, find_image_store
 
         processor = load_image_processor(spec.encoder)
         mean, std, rescale, size, resample = image_normalisation(processor)
-        store = cache_mod._find_image_store(self.config, tokens, spec.name)
+        store = find_image_store(self.config, tokens, spec.name)
         have = [t for t in tokens if t in store]
         missing = len(tokens) - len(have)
         check_missing_images(self.config, spec.name, [t for t in tokens if t not in store], len(tokens), "black images")
         digest = hashlib.sha256(
-            (cache_mod._store_path(store) + "\0" + "\0".join(tokens) + "\0" + "\0".join(have)
+            (store_path(store) + "\0" + "\0".join(tokens) + "\0" + "\0".join(have)
              + f"\0{size}\0{resample}").encode()
         ).hexdigest()[:16]
         npy = None
         try:
-            npy = Path(cache_mod.cache_root(self.config)) / f"raw-{spec.name}-{size[0]}x{size[1]}-{digest}.npy"
+            npy = Path(cache_root(self.config)) / f"raw-{spec.name}-{size[0]}x{size[1]}-{digest}.npy"
         except Exception:  # noqa: BLE001 - no writable cache folder: decode every time
             npy = None
         if npy is not None and npy.is_file():

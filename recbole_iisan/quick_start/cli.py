@@ -7,7 +7,7 @@
         [--jobs=N] [--resume]                 several models and seeds, paired tests (recbole_iisan.quick_start.compare)
         [--result_file=PATH.json] [--resume=CHECKPOINT.pth]
         [--nproc=N --world_size=W --ip=IP --port=PORT --group_offset=K]   RecBole's DDP mode
-        [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.trainer.tuning)
+        [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.quick_start.tune, recbole_iisan.trainer.hyper_tuning)
 
 Bad input (unknown model or dataset, missing files, a config value of the wrong type, an image
 model without images) ends in one line on stderr and exit code 2.
@@ -105,7 +105,7 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
 
         return recommend_main(args, overrides)
     if args.tune:
-        from recbole_iisan.trainer.tuning import main as tune_main
+        from recbole_iisan.quick_start.tune import main as tune_main
 
         return tune_main(args, overrides, config_files, config_dict)
     if args.compare or args.seeds:

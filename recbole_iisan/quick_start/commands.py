@@ -16,7 +16,7 @@
   ``<data_path>/<dataset>/raw/``, then ``prepare``; ``--images`` also fetches the authors' Google
   Drive zip (``gdown``). ``RECBOLE_IISAN_DATA_URL`` (a mirror URL or a local folder) replaces both.
 - ``build_cache``: the config is built exactly as a run builds it (the same yaml files and
-  ``--key=value`` parsing), then the run's preparation step (:func:`.pipeline.prepare_inputs`)
+  ``--key=value`` parsing), then the run's preparation step (:func:`recbole_iisan.data.utils.prepare_inputs`)
   builds, resumes or reuses each tower's cache and prints ``<tower> TAB <folder>``.
 
 Every one goes through :func:`recbole_iisan.utils.errors.run_cli`: bad input is one ``error:``
@@ -178,8 +178,8 @@ def build_cache_main(argv: Sequence[str] | None = None) -> int:
 def _build_cache(argv: Sequence[str] | None) -> int:
     from recbole.utils import init_logger
 
-    from recbole_iisan.data.cache import cache_root
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.cache.paths import cache_root
+    from recbole_iisan.data.utils import prepare_inputs
     from recbole_iisan.utils.errors import PluginConfigError, disk_full_guard
 
     config = make_config(argv)

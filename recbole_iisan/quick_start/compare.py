@@ -184,7 +184,7 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     ``results_dir`` and print the comparison table. Returns 0 when every run finished, 1 otherwise
     (the table shows the finished ones)."""
     from recbole_iisan.config.configurator import build_config
-    from recbole_iisan.quick_start.pipeline import prepare_inputs
+    from recbole_iisan.data.utils import prepare_inputs
 
     if jobs < 1:
         raise PluginConfigError(f"--jobs={jobs}: expected an integer >= 1")
@@ -195,6 +195,8 @@ def compare(entries: Sequence[tuple[str, str, dict]], dataset: str, config_files
     protocol = "paper protocol" if configs[0]["paper_protocol"] else "RecBole protocol"
     folder = Path(results_dir or os.path.join("saved", f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     manifest = _manifest(dataset, models, seeds, protocol, config_files, config_dict, overrides)
+    # the statistics of the table, kept with the folder so that every later render is the same
+    manifest["statistics"] = {k: configs[0][k] for k in results.STATISTICS_KEYS}
     _check_folder(folder, manifest, resume)
     for config in configs:  # bad names, types and metrics fail here, before anything runs
         prepare_inputs(config)

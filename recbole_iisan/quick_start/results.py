@@ -58,6 +58,8 @@ def format_gates(gates: dict) -> str:
 # a folder of result files -> the comparison table (mean +- std over seeds, paired tests)
 
 MANIFEST = "comparison.json"
+#: the statistics' settings (``properties/overall.yaml``), kept in a folder's manifest
+STATISTICS_KEYS = ("significance_test", "confidence_level", "bootstrap_resamples", "bootstrap_seed")
 CAP_MARK = "†"
 
 
@@ -158,10 +160,9 @@ def comparison_settings(overrides: Optional[dict] = None) -> dict:
 
     from recbole_iisan.utils.files import properties_dir
 
-    keys = ("significance_test", "confidence_level", "bootstrap_resamples", "bootstrap_seed")
     data = yaml.safe_load((properties_dir() / "overall.yaml").read_text(encoding="utf-8"))
-    out = {k: data[k] for k in keys}
-    out.update({k: v for k, v in (overrides or {}).items() if k in keys and v is not None})
+    out = {k: data[k] for k in STATISTICS_KEYS}
+    out.update({k: v for k, v in (overrides or {}).items() if k in STATISTICS_KEYS and v is not None})
     return out
 
 
@@ -172,7 +173,7 @@ def summarize(folder: PathLike, baseline: Optional[str] = None, settings: Option
     from recbole_iisan.evaluator.significance import compare_to_baseline, mean_std
 
     results, manifest = load_results(folder)
-    settings = comparison_settings(settings)
+    settings = comparison_settings({**manifest.get("statistics", {}), **(settings or {})})
     order = _model_order(results, manifest, baseline)
     by_model = {m: sorted([r for r in results if run_label(r) == m], key=lambda r: r.get("seed", 0)) for m in order}
     selection = {str(r.get("valid_metric")) for r in results}

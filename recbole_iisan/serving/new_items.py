@@ -135,7 +135,7 @@ def _tower_texts(spec: Any, cols: dict[str, list[str]], n: int) -> list[str]:
 def _image_store(config: Any, spec: Any, tokens: list[str], cols: dict[str, list[str]], base: Path) -> Any:
     """A real image store (``data/images``) holding the new items' images."""
     from recbole_iisan.data import images as _img
-    from recbole_iisan.data.cache import cache_root
+    from recbole_iisan.data.cache.paths import cache_root
 
     if "image" not in cols or not any(cols["image"]):
         raise PluginConfigError(f"--new_items: tower '{spec.name}' needs an image path per item (third column)")

@@ -10,7 +10,7 @@ From Python::
     df = recommend("saved/IISANVS-....pth", users=["196"], topk=10)   # pandas DataFrame
 
 The model is rebuilt the way the training run built it (RecBole's ``load_data_and_model`` flow,
-through the plugin's pipeline): the config stored in the checkpoint -> ``quick_start.prepare_inputs``
+through the plugin's pipeline): the config stored in the checkpoint -> ``recbole_iisan.data.utils.prepare_inputs``
 (atomic files, encoder caches: reused) -> ``create_dataset`` -> ``data_preparation`` ->
 ``model_class(config, train_data._dataset)`` -> the checkpoint's parameters.
 
@@ -80,7 +80,7 @@ class LoadedRun:
     def titles(self) -> dict[str, str]:
         """Raw item id -> title (the first text field of tower A, else a title-like column)."""
         if self._titles is None:
-            from recbole_iisan.data.cache import read_item_file
+            from recbole_iisan.data.cache.paths import read_item_file
             from recbole_iisan.utils.errors import CacheError
 
             try:
@@ -189,7 +189,7 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
 
     from recbole_iisan.trainer import checkpoint
     from recbole_iisan.config.configurator import get_model_class
-    from recbole_iisan.quick_start.pipeline import create_dataset, prepare_inputs
+    from recbole_iisan.data.utils import create_dataset, prepare_inputs
 
     key = (str(Path(path).resolve()), device, repr(sorted((overrides or {}).items())))
     if key in _LOADED:
@@ -204,7 +204,7 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
     config["show_progress"] = False
     for k, v in (overrides or {}).items():
         config[k] = v
-    from recbole_iisan.config.configurator import resolve_protocol
+    from recbole_iisan.config.protocol import resolve_protocol
 
     resolve_protocol(config)  # a checkpoint of an older version may hold the protocol's automatic values
     init_seed(config["seed"], config["reproducibility"])

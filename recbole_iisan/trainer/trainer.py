@@ -85,7 +85,7 @@ class PluginTrainer(Trainer):
 
     def __init__(self, config: Any, model: torch.nn.Module, checkpoint_file: Optional[str] = None,
                  last_checkpoint_file: Optional[str] = None) -> None:
-        from recbole_iisan.config.configurator import resolve_protocol
+        from recbole_iisan.config.protocol import resolve_protocol
 
         resolve_protocol(config)  # idempotent: a config built elsewhere gets the protocol's defaults too
         super().__init__(config, model)

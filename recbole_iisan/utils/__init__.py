@@ -8,4 +8,4 @@ def __getattr__(name: str):
 
     raise moved_attribute(__name__, name, {n: "recbole_iisan.utils.files" for n in (
         "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "properties_dir", "bundled_dataset_dir",
-        "config_get", "cli_logging", "PathLike")})
+        "cli_logging", "PathLike")})

@@ -1,11 +1,23 @@
-"""Every shim that RecBole 1.2.1 needs on today's numpy / pandas / torch, in one place.
+"""Every shim that RecBole 1.2.1 needs on today's numpy / torch / Ray, in one place.
+
+docs/installation.md has the table (symptom, RecBole issue, test) of every patch here. None
+changes a number: each restores what RecBole computed on the stack it was written for.
+
+numpy 2 (:func:`_numpy_aliases`): RecBole's ``Config.compatibility_settings`` re-creates numpy's
+removed aliases (``np.float = np.float_`` ...) and its metrics, ``Interaction`` and ``Dataset``
+then use ``np.float`` / ``np.bool``. ``np.float_``, ``np.complex_`` and ``np.unicode_`` are gone in
+numpy 2, so every ``Config(...)`` fails with "`np.float_` was removed in the NumPy 2.0 release".
+We set the same aliases to the same types (``np.float`` -> ``np.float64``, which is what
+``np.float_`` was) at import, also in Ray workers (they import this package), and make
+``compatibility_settings`` do exactly that. pandas 3 is not shimmed: ``pandas<3`` is pinned
+(setup.py; docs/installation.md says why).
 
 RecBole 1.2.1 predates torch 2.6, whose ``torch.load`` defaults to ``weights_only=True``.
 RecBole's checkpoints pickle the whole ``Config`` (and with it the model class), so its own
 reloads (``Trainer.evaluate(load_best_model=True)``, ``resume_checkpoint``,
 ``load_data_and_model``) fail with "Weights only load failed".  We give *only RecBole's
 modules* a ``torch`` whose ``load`` defaults to ``weights_only=False``; the global
-``torch.load`` is left untouched.  numpy<2 and pandas<3 are pinned (see setup.py), not shimmed.
+``torch.load`` is left untouched.
 
 RecBole 1.2.1's DDP mode (``--nproc``) is CUDA-only: ``Config._init_device`` asserts one
 ``gpu_id`` per process, calls ``init_process_group(backend="nccl")`` and ``torch.cuda.set_device``,
@@ -29,12 +41,60 @@ import contextlib
 import contextvars
 import os
 import types
-import warnings
 from typing import Any, Iterator
 
 import torch
 
+from recbole_iisan.utils.errors import UserError
+
 _APPLIED = False
+
+#: numpy's removed aliases as RecBole 1.2.1 sets them (``Config.compatibility_settings``), each
+#: to the type it named before numpy 2 removed it (``np.float_`` was ``np.float64``, ...)
+NUMPY_ALIASES = {
+    "bool": "bool_",
+    "int": "int_",
+    "float": "float64",
+    "complex": "complex128",
+    "object": "object_",
+    "str": "str_",
+    "long": "int_",
+    "unicode": "str_",
+}
+
+RECBOLE_MISSING = (
+    "RecBole 1.2.1 is not installed: run 'pip install --no-deps recbole==1.2.1' (without its "
+    "declared dependencies: its ray<=2.6.3 pin cannot be installed beside a current Ray), or "
+    "install everything with 'bash install.sh' (docs/installation.md)"
+)
+
+
+class RecBoleNotInstalled(UserError, ImportError):
+    """RecBole itself is missing (``pip install .`` does not bring it: see setup.py)."""
+
+
+def require_recbole() -> None:
+    """Raise :class:`RecBoleNotInstalled` (a one-line user error) when RecBole cannot be imported."""
+    try:
+        import recbole  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "recbole":
+            raise
+        raise RecBoleNotInstalled(RECBOLE_MISSING) from None
+
+
+def _numpy_aliases() -> None:
+    """Set RecBole's numpy aliases (``np.float`` ...) to numpy-2-valid types, where numpy lacks them."""
+    import numpy as np
+
+    for alias, target in NUMPY_ALIASES.items():
+        if alias not in np.__dict__:  # numpy 2 has np.bool and np.long of its own: kept
+            setattr(np, alias, getattr(np, target))
+
+
+def _compatibility_settings(self) -> None:
+    """``Config.compatibility_settings`` without the names numpy 2 removed (``np.float_`` ...)."""
+    _numpy_aliases()
 
 
 class _TorchWithTrustedLoad(types.ModuleType):
@@ -160,9 +220,19 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    # ray 2.6.3 (imported by recbole.quick_start) warns about pkg_resources on every import.
-    warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+    try:
+        import recbole  # noqa: F401
+    except ModuleNotFoundError as exc:  # reported in one line by recbole_iisan.config (require_recbole)
+        if exc.name == "recbole":
+            return
+        raise
+    # numpy 2: RecBole's aliases, before anything of RecBole's runs (metrics need them in Ray workers)
+    _numpy_aliases()
+    from recbole.config.configurator import Config
+
+    if Config.compatibility_settings is not _compatibility_settings:
+        _compatibility_settings.__wrapped__ = Config.compatibility_settings  # type: ignore[attr-defined]
+        Config.compatibility_settings = _compatibility_settings
     # Ray workers re-import RecBole in fresh processes; the env var reaches them too.
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     import recbole.quick_start.quick_start as rb_quick_start
@@ -172,8 +242,6 @@ def apply() -> None:
     for module in (rb_trainer, rb_quick_start):
         module.torch = proxy  # type: ignore[attr-defined]
     # DDP on CPU (gloo): see the module docstring
-    from recbole.config.configurator import Config
-
     if not hasattr(Config._init_device, "__wrapped__"):
         Config._init_device = _init_device_cpu_ddp(Config._init_device)
     if not hasattr(rb_trainer.early_stopping, "__wrapped__"):

@@ -111,13 +111,3 @@ def cli_logging(quiet: bool = False) -> None:
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%d %b %H:%M", stream=sys.stdout)
-
-
-def config_get(config: Any, key: str, default: Any = None) -> Any:
-    """``config[key]``, or ``default`` when the key is absent or ``None``. (Being replaced by
-    :func:`setting`: defaults live in the yaml files.)"""
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value

@@ -18,7 +18,7 @@ MOVED = {
     "recbole_iisan.new_items": "recbole_iisan.serving.new_items",
     "recbole_iisan.ranking": "recbole_iisan.evaluator.ranking",
     "recbole_iisan.recommend": "recbole_iisan.serving.recommend",
-    "recbole_iisan.tuning": "recbole_iisan.trainer.tuning",
+    "recbole_iisan.tuning": "recbole_iisan.quick_start.tune",
     "recbole_iisan.data.prepare": "recbole_iisan.data.atomic_files",
     "recbole_iisan.data.download": "recbole_iisan.data.sources",
     "recbole_iisan.data.state_store": "recbole_iisan.data.cache.storage",

@@ -1,6 +1,6 @@
 """Where the cached item states live while a model trains: in memory, or memory-mapped from a file.
 
-The LMDB cache (``data/cache.py``) is the durable, resumable store keyed by item token. A model
+The LMDB cache (the other modules of ``data/cache/``) is the durable, resumable store keyed by item token. A model
 reads the states as ONE tensor per tower, ``[n_items + 1, n_rows, dim]`` in RecBole's internal
 item-id order (row 0 = the padding item, zeros), and gathers rows per batch (``states[ids]``).
 
@@ -33,7 +33,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from recbole_iisan.data.cache.layout import read_manifest
+from recbole_iisan.data.cache.load import load_states
 from recbole_iisan.utils.errors import CacheError
+from recbole_iisan.utils.files import atomic_write_json
 
 logger = logging.getLogger("recbole_iisan.state_store")
 
@@ -78,8 +81,6 @@ def choose_storage(setting: str, total_bytes: int, fraction: float = DEFAULT_MEM
 
 
 def _rows_to_layers(cache_path: Path, layers: Sequence[int]) -> tuple[dict, list[int]]:
-    from recbole_iisan.data.cache import read_manifest
-
     man = read_manifest(cache_path)
     stored = [int(x) for x in man["layers"]]
     absent = [x for x in layers if int(x) not in stored]
@@ -93,8 +94,6 @@ def _fill(target: np.ndarray, cache_path: Path, tokens: Sequence[str], layers: S
           chunk: int) -> list[int]:
     """Copy the states of ``tokens`` into ``target[1:]`` (numpy, any layout-compatible dtype),
     ``chunk`` tokens per LMDB read. Returns the positions (0-based in ``tokens``) with no state."""
-    from recbole_iisan.data.cache import load_states
-
     missing: list[int] = []
     dtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
              np.dtype(np.int16): torch.bfloat16}[target.dtype]
@@ -123,8 +122,6 @@ def load_dense(cache_path: Path | str, tokens: Sequence[str], layers: Sequence[i
 
 def export_key(cache_path: Path | str, tokens: Sequence[str], layers: Sequence[int], dtype: torch.dtype) -> str:
     """Digest of what an exported state file holds (cache folder identity, tokens, rows, dtype)."""
-    from recbole_iisan.data.cache import read_manifest
-
     man = read_manifest(cache_path)
     h = hashlib.sha256()
     h.update(json.dumps({"identity": man.get("identity"), "stored_layers": man.get("layers"),
@@ -170,8 +167,6 @@ def export_states(cache_path: Path | str, tokens: Sequence[str], layers: Sequenc
         del arr
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        from recbole_iisan.utils.files import atomic_write_json
-
         atomic_write_json(meta_path, {"tokens": len(tokens), "layers": [int(x) for x in layers], "dtype": name,
                                       "dim": dim, "missing": missing, "cache": str(cache_path)})
         os.replace(tmp, path)
