@@ -25,6 +25,7 @@ It is RecBole's ``Trainer`` with these additions, none of which changes RecBole'
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections import OrderedDict
 from typing import Any, Optional
@@ -61,8 +62,10 @@ def with_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
         return optimizer
     groups = [{**g, "fused": True, "foreach": None} for g in optimizer.param_groups]
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key its __init__ sets
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     try:
-        return type(optimizer)(groups, **{**optimizer.defaults, "fused": True, "foreach": None})
+        return type(optimizer)(groups, **{**defaults, "fused": True, "foreach": None})
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device in this torch
         return optimizer
 
