@@ -215,9 +215,15 @@ def towers_in_lockstep(specs: Sequence[tuple], xa: torch.Tensor, xb: torch.Tenso
     """Without gradients (the item table): ``sum_t tower_t(x) @ E_t.T + bias`` for towers of equal
     row counts run step by step together, ``chunk`` items at a time, so that row j of each state
     tensor is read (and converted to fp32) once for all the towers that read it. ``specs``: per
-    tower ``(kind, source, g, blocks, E)`` with ``source`` ``"a"``, ``"b"`` or ``"ab"`` (inter)."""
+    tower ``(kind, source, g, blocks, E)`` with ``source`` ``"a"``, ``"b"`` or ``"ab"`` (inter).
+
+    The last step's up-projection is folded into ``E`` (no nonlinearity between them):
+    ``E z_n = E u_n + (E W_up) a_n + E b_up``, a ``[d, r]`` matrix instead of the ``[D, r]`` one."""
     chunk = chunk or CHUNK
     towers = [(Tower(kind, g, tower_block_weights(blocks)), src, e) for kind, src, g, blocks, e in specs]
+    last = xa.size(0) - 1
+    folded = [(e @ tw.w_up[last]).t() for tw, _, e in towers]  # [r, d]
+    bias = bias + sum(e @ tw.b_up[last] for tw, _, e in towers)
     dtype = towers[0][0].dtype
     y = bias.expand(xa.size(1), -1).clone()
     for s in range(0, xa.size(1), chunk):
@@ -226,12 +232,14 @@ def towers_in_lockstep(specs: Sequence[tuple], xa: torch.Tensor, xb: torch.Tenso
         zs = [torch.empty(c, dim, dtype=dtype, device=xa.device) for _ in towers]
         mix = torch.empty(c, dim, dtype=dtype, device=xa.device)
         for j in range(xa.size(0)):
-            for (tw, src, _), z in zip(towers, zs):
+            for (tw, src, e), z, up_e in zip(towers, zs, folded):
                 first, other = rows[src[0]], rows[src[-1]] if len(src) > 1 else None
                 tw.step_input(first, other, j, z if j else None, out=z, mix=mix)
-                tw.sanb(j, z, out=z)
-        for (_, _, e), z in zip(towers, zs):
-            y[s:s + c].addmm_(z, e.t())
+                if j < last:
+                    tw.sanb(j, z, out=z)
+                else:
+                    a = torch.addmm(tw.b_down[j], z, tw.down_t[j]).clamp_min_(0.0)
+                    y[s:s + c].addmm_(z, e.t()).addmm_(a, up_e)
     return y
 
 
