@@ -8,13 +8,16 @@ gated (or added) inputs, the heads and the fusion, in fp32. What differs is only
 - the two Linears of a head and the tower's block of the fusion Linear have no nonlinearity between
   them, so they are one ``[d, D]`` matrix ``E_t = F_t W2_t W1_t`` (plus a constant bias): an item
   costs ``D * d`` per head instead of ``D * D + D * d`` (the heads were ~40% of a training step);
-- a tower keeps its rows rows-first (``[n_rows, M, D]``, one contiguous ``[M, D]`` block per step),
-  gathered and converted to fp32 once;
-- the gated input is one ``lerp`` (``g h + (1 - g) z``), the up-projection's bias rides in its
-  matmul (a ones column), the residual is the matmul's accumulator (``addmm``);
+- a tower reads its states rows-first (``[n_rows, M, D]``: views of the cache, no gather for the item
+  table), each row converted to fp32 into one scratch buffer as it is needed (:class:`Rows`);
+- the gated input is one ``lerp`` (``g h + (1 - g) z``), the residual is the up-projection's
+  accumulator (``addmm_`` into the buffer that holds ``u + b_up``);
 - the backward (:class:`TowerFunction`) runs each step's four matmuls with the gradient buffer
-  updated in place and the gate gradients as dot products, instead of autograd's per-op buffers;
-- without gradients (the evaluation's item table) each step is one in-place ``lerp_`` and two matmuls.
+  updated in place, recomputes ``u`` instead of keeping it, and takes the gate gradients as dot
+  products, instead of autograd's per-op buffers;
+- without gradients (the evaluation's item table) each step is one in-place ``lerp_`` and two
+  matmuls, the towers step together (:func:`towers_in_lockstep`) and the last up-projection is
+  folded into the head.
 """
 from __future__ import annotations
 
