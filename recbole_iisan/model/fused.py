@@ -191,7 +191,7 @@ def tower_block_weights(blocks) -> list[torch.Tensor]:
     return [t for b in blocks for t in (b.down.weight, b.down.bias, b.up.weight, b.up.bias)]
 
 
-CHUNK = 128
+CHUNK = 256  # items per pass of a tower's steps (results/speed/step_speed.md: 128, 256, unchunked)
 LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/step_speed.py measures both)
 
 
