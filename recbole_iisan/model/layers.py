@@ -247,7 +247,7 @@ class SideNetworkConfig:
                    inter_sanb_size=None if inter is None else int(inter),
                    sanb_activation=str(config["sanb_activation"]).lower(), head_type=str(config["head_type"]),
                    modality=str(config["modality"]), fusion=str(config["fusion"]),
-                   frozen_backbone=bool(config["frozen_backbone"]), side_kernel=str(config["side_kernel"] or "fused"))
+                   frozen_backbone=bool(config["frozen_backbone"]), side_kernel=str(config["side_kernel"]))
 
 
 class SideNetwork(nn.Module):
