@@ -52,3 +52,15 @@ def test_what_the_fused_kernel_does_not_take_is_left_as_it_is():
     stepped.step()
     assert with_fused_kernel(stepped) is stepped  # its state would be lost
     assert with_fused_kernel(ints).param_groups[0]["fused"]  # float64 is a floating type the kernel takes
+
+
+def test_the_fused_step_marks_the_parameters_updated():
+    """Caches keyed on parameter versions (the item table, the folded heads) see the fused kernel's
+    updates, which torch makes without bumping the version counters."""
+    ps = _params()
+    opt = with_fused_kernel(torch.optim.Adam(ps, lr=1e-2))
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = [p._version for p in ps]
+    opt.step()
+    assert all(p._version > v for p, v in zip(ps, before))

@@ -329,6 +329,11 @@ class SideNetwork(nn.Module):
         folded = [fold_head(h, f) for h, f in zip(heads, blocks)]
         return [e for e, _ in folded], self.fusion.bias + sum(c for _, c in folded)
 
+    def train(self, mode: bool = True):
+        if mode:  # as the item table: entering training drops the folded heads
+            self._folded, self._folded_key = None, None
+        return super().train(mode)
+
     def folded(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """:meth:`_fold`, kept while the parameters do not change when no gradient is taken (the
         item table's chunks share it)."""

@@ -65,9 +65,21 @@ def with_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key its __init__ sets
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     try:
-        return type(optimizer)(groups, **{**defaults, "fused": True, "foreach": None})
+        fused = type(optimizer)(groups, **{**defaults, "fused": True, "foreach": None})
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device in this torch
         return optimizer
+    fused.register_step_post_hook(_mark_updated)
+    return fused
+
+
+def _mark_updated(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """The fused kernel updates the parameters without bumping their version counters (torch 2.x);
+    the caches keyed on them (the item table, the folded heads) must see every update."""
+    from torch.autograd.graph import increment_version
+
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            increment_version(p)
 
 
 class RecordingEvaluator(Evaluator):
