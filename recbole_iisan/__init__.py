@@ -13,3 +13,7 @@ __version__ = "0.2.0"
 
 _compat.apply()
 _moved.install()
+
+
+def __getattr__(name: str):  # ``from recbole_iisan import cli``: say where a 0.1 module went
+    raise _moved.moved_submodule(__name__, name)

@@ -6,9 +6,19 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# property-based tests (tests/test_fuzz_*.py, tests/fuzzing.py): the default profile "ci" is bounded
+# and reproducible; --hypothesis-profile=long runs 20 times as many random examples
+_FUZZ_COMMON = dict(deadline=None, print_blob=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                           HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=100, derandomize=True, **_FUZZ_COMMON)
+settings.register_profile("long", max_examples=2000, **_FUZZ_COMMON)
+settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -19,6 +29,28 @@ DINOV2 = SHARED / "models" / "dinov2-small"
 # the vocabulary of the tiny test tokenizers (tests/test_encoders.py), so titles differ after tokenising
 WORDS = ("the a red blue green pipette tube glass flask lab digital scale meter set of 10 ml box "
          "steel clamp").split()
+
+
+def reference_hit_ndcg(model, test_data, k: int = 10) -> tuple[list[float], list[float]]:
+    """Each test user's Hit@k and NDCG@k computed here, independently of RecBole's evaluator: the
+    rank of the target among the model's full-sort scores (the padding item excluded, history
+    items masked as RecBole's loader masks them)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    hits: list[float] = []
+    ndcgs: list[float] = []
+    with torch.no_grad():
+        for inter, _hist, _pu, pos_i in test_data:
+            scores = model.full_sort_predict(inter)
+            scores[:, 0] = -np.inf
+            target = scores[torch.arange(len(pos_i)), pos_i]
+            rank = (scores > target[:, None]).sum(1) + 1
+            hits += (rank <= k).float().tolist()
+            ndcgs += [1.0 / math.log2(r + 1) if r <= k else 0.0 for r in rank.tolist()]
+    return hits, ndcgs
 
 
 def plugin_defaults(*names: str) -> dict:
@@ -69,3 +101,16 @@ def tiny_data(tmp_path: Path) -> Path:
     """data_path (parent folder) holding the dataset 'tiny'."""
     write_tiny_dataset(tmp_path)
     return tmp_path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many examples each property-based test ran, and how long they took (tests/fuzzing.py)."""
+    import sys
+
+    fuzzing = sys.modules.get("fuzzing")
+    counts = getattr(fuzzing, "COUNTS", None)
+    if not counts:
+        return
+    terminalreporter.section(f"hypothesis examples (profile {settings.get_current_profile_name()})")
+    for name, (n, secs) in sorted(counts.items()):
+        terminalreporter.write_line(f"{name:<60} {n:>5} examples {secs:>7.1f} s")

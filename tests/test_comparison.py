@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import reference_hit_ndcg
 from recbole_iisan.quick_start import cli
 from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
@@ -99,15 +99,7 @@ def test_per_user_metrics_equal_an_independent_rank_computation(tiny_data: Path,
     model = SASRec(cfg, test._dataset).eval()
     trainer = PluginTrainer(cfg, model)
     result = trainer.evaluate(test, load_best_model=False)
-    hits, ndcgs = [], []
-    with torch.no_grad():
-        for inter, _hist, _pu, pos_i in test:
-            scores = model.full_sort_predict(inter)
-            scores[:, 0] = -np.inf
-            target = scores[torch.arange(len(pos_i)), pos_i]
-            rank = (scores > target[:, None]).sum(1) + 1
-            hits += (rank <= 10).float().tolist()
-            ndcgs += [1.0 / math.log2(r + 1) if r <= 10 else 0.0 for r in rank.tolist()]
+    hits, ndcgs = reference_hit_ndcg(model, test)
     np.testing.assert_allclose(trainer.evaluator.per_user["hit@10"], hits)
     np.testing.assert_allclose(trainer.evaluator.per_user["ndcg@10"], ndcgs, rtol=1e-6)
     assert result["ndcg@10"] == round(float(np.mean(ndcgs)), 4)
@@ -146,7 +138,7 @@ def _run_tiny(tiny_data: Path, tmp: Path, name: str, epochs: int, resume=None, *
          "n_heads": 1, "epochs": epochs, "train_batch_size": 16, "checkpoint_dir": str(tmp / "ck"),
          "stopping_step": 20, **extra}
     return run("IISANVS", "tiny", config_dict=d, result_file=str(tmp / f"{name}.json"),
-               checkpoint_file=str(tmp / "ck" / f"{name}.pth"), last_checkpoint_file=str(tmp / "ck" / f"{name}-last.pth"),
+               checkpoint_file=str(tmp / "ck" / f"{name}.safetensors"), last_checkpoint_file=str(tmp / "ck" / f"{name}-last.safetensors"),
                resume=resume)
 
 
@@ -159,7 +151,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tiny_data: Path, tm
     try:
         straight = _run_tiny(tiny_data, tmp_path, "straight", 4, bert=bert, bert2=bert2)
         _run_tiny(tiny_data, tmp_path, "cut", 2, bert=bert, bert2=bert2)  # "killed" after epoch 2
-        resumed = _run_tiny(tiny_data, tmp_path, "cut", 4, resume=str(tmp_path / "ck" / "cut-last.pth"),
+        resumed = _run_tiny(tiny_data, tmp_path, "cut", 4, resume=str(tmp_path / "ck" / "cut-last.safetensors"),
                             bert=bert, bert2=bert2)
     finally:
         torch.set_num_threads(threads)

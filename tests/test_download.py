@@ -46,8 +46,10 @@ def write_raw(folder: Path, n_users: int = 40, n_items: int = 30, seed: int = 0)
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Static files with ``Range: bytes=N-`` support; ``server.cut[name] = k`` makes the next k
-    responses for ``name`` announce the full length but stop after half of the bytes."""
+    """Static files with ``Range: bytes=N-`` support (206, or 416 past the end; ``server.ignore_range``
+    answers every request with the whole file, as servers without range support do);
+    ``server.cut[name] = k`` makes the next k responses for ``name`` announce their full length
+    but stop after half of their bytes."""
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -62,8 +64,14 @@ class _Handler(SimpleHTTPRequestHandler):
         data = path.read_bytes()
         start = 0
         rng = self.headers.get("Range")
-        m = re.fullmatch(r"bytes=(\d+)-", rng or "")
-        if m and int(m.group(1)) < len(data):
+        m = None if srv.ignore_range else re.fullmatch(r"bytes=(\d+)-", rng or "")
+        if m and int(m.group(1)) >= len(data):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if m:
             start = int(m.group(1))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -96,6 +104,7 @@ def server(tmp_path):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.requests = []
     httpd.cut = {}
+    httpd.ignore_range = False
     httpd.timeout = 5
     t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
@@ -170,7 +179,7 @@ def test_download_checks_sha256_records_it_and_is_not_repeated(server, tmp_path)
     assert out == dest
     for name, sha in hashes.items():
         assert (dest / name).read_bytes() == (root / "Toy" / name).read_bytes()
-        assert oct((dest / name).stat().st_mode & 0o077) != "0o0"  # not pooch's 0600 temp mode
+        assert oct((dest / name).stat().st_mode & 0o077) != "0o0"  # not a private 0600 temp mode
     record = json.loads((dest / dl.RECORD_FILE).read_text())
     assert {n: r["sha256"] for n, r in record.items()} == hashes
     assert record[USERS]["source"] == f"{base}/Toy/{USERS}" and record[USERS]["verified"]
@@ -210,24 +219,71 @@ def test_corrupted_download_is_refused_with_one_line_and_not_kept(server, tmp_pa
     assert not (dest / USERS).exists()
 
 
-def test_interrupted_download_leaves_nothing_under_the_final_name_and_resumes(server, tmp_path):
+def test_interrupted_download_resumes_byte_wise_with_range_requests(server, tmp_path):
     base, root, httpd = server
     hashes = write_raw(root / "Toy")
+    full = (root / "Toy" / USERS).read_bytes()
     dest = tmp_path / "raw"
+    part = dest / f"{USERS}.part"
     httpd.cut[USERS] = 2  # the connection drops half way, twice (= 1 try + 1 retry)
     with pytest.raises(DownloadError) as ei:
         dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=1)
-    assert one_line(str(ei.value)) and f"could not fetch {USERS} of Toy" in str(ei.value)
-    assert not (dest / USERS).exists()
+    first = len(full) // 2
+    second = first + (len(full) - first) // 2  # the retry asked for the rest and got half of it
+    msg = str(ei.value)
+    assert one_line(msg) and f"could not fetch {USERS} of Toy" in msg
+    assert f"{second:,} bytes kept in {part.name}, the next run resumes" in msg
+    assert not (dest / USERS).exists()  # nothing unverified under the final name
+    assert part.read_bytes() == full[:second]
+    assert [r for p, r in httpd.requests if p == f"/Toy/{USERS}"] == [None, f"bytes={first}-"]
+    # the next run asks for the missing bytes only, appends them and checks the whole file
+    before = len(httpd.requests)
+    dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=0)
+    assert (dest / USERS).read_bytes() == full
+    assert [r for p, r in httpd.requests[before:] if p == f"/Toy/{USERS}"] == [f"bytes={second}-"]
     assert leftovers(dest, hashes) == []
     # a partial copy under the final name (e.g. a killed hand-made copy) is not taken as complete
-    full = (root / "Toy" / USERS).read_bytes()
     (dest / USERS).write_bytes(full[: len(full) // 2])
-    httpd.cut[USERS] = 1  # and the next transfer drops once more: pooch retries it
+    httpd.cut[USERS] = 1  # and the next transfer drops once more: the retry resumes it
     before = len(httpd.requests)
     dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=1)
     assert (dest / USERS).read_bytes() == full
-    assert [p for p, _ in httpd.requests[before:]].count(f"/Toy/{USERS}") == 2  # cut + retry
+    assert [r for p, r in httpd.requests[before:] if p == f"/Toy/{USERS}"] == [None, f"bytes={first}-"]
+    assert leftovers(dest, hashes) == []
+
+
+def test_server_ignoring_the_range_restarts_the_file_cleanly(server, tmp_path):
+    base, root, httpd = server
+    hashes = write_raw(root / "Toy")
+    full = (root / "Toy" / USERS).read_bytes()
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    (dest / f"{USERS}.part").write_bytes(full[:100])
+    httpd.ignore_range = True  # answers the range request with 200 and the whole file
+    dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=0)
+    assert (dest / USERS).read_bytes() == full  # not the 100 bytes followed by the whole file
+    assert [r for p, r in httpd.requests if p == f"/Toy/{USERS}"] == ["bytes=100-"]
+    assert leftovers(dest, hashes) == []
+
+
+def test_resumed_file_failing_its_checksum_is_fetched_again_from_zero(server, tmp_path):
+    base, root, httpd = server
+    hashes = write_raw(root / "Toy")
+    full = (root / "Toy" / USERS).read_bytes()
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    (dest / f"{USERS}.part").write_bytes(b"x" * 100)  # a .part of another version of the file
+    dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=0)
+    assert (dest / USERS).read_bytes() == full
+    assert [r for p, r in httpd.requests if p == f"/Toy/{USERS}"] == ["bytes=100-", None]
+    # a .part that is already whole: the server answers 416, the file is checked and kept
+    (dest / ITEMS).unlink()
+    (dest / f"{ITEMS}.part").write_bytes((root / "Toy" / ITEMS).read_bytes())
+    before = len(httpd.requests)
+    dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=0)
+    assert (dest / ITEMS).read_bytes() == (root / "Toy" / ITEMS).read_bytes()
+    size = (root / "Toy" / ITEMS).stat().st_size
+    assert [r for p, r in httpd.requests[before:]] == [f"bytes={size}-"]
     assert leftovers(dest, hashes) == []
 
 

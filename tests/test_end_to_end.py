@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reference_hit_ndcg
 from recbole_iisan.quick_start import cli
 from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
@@ -100,15 +101,7 @@ def test_metrics_equal_a_hand_computation_from_full_sort_predict(tiny_data: Path
     model.eval()
     trainer = PluginTrainer(cfg, model)
     result = trainer.evaluate(test, load_best_model=False)
-    hits, ndcgs = [], []
-    with torch.no_grad():
-        for inter, _hist, _pu, pos_i in test:
-            scores = model.full_sort_predict(inter)
-            scores[:, 0] = -np.inf
-            target = scores[torch.arange(len(pos_i)), pos_i]
-            rank = (scores > target[:, None]).sum(1) + 1
-            hits += (rank <= 10).float().tolist()
-            ndcgs += torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), torch.zeros(())).tolist()
+    hits, ndcgs = reference_hit_ndcg(model, test)
     assert result["hit@10"] == pytest.approx(round(float(np.mean(hits)), 4), abs=1e-4)
     assert result["ndcg@10"] == pytest.approx(round(float(np.mean(ndcgs)), 4), abs=1e-4)
 
@@ -155,8 +148,12 @@ def test_resume_from_checkpoint_continues_training(tiny_data: Path, tmp_path: Pa
     args = _args(tiny_data, tmp_path, encoders, f"--text_encoder={encoders['bert2']}")
     assert cli.main(["--model=IISANVS", "--dataset=tiny", f"--result_file={first}", *args]) == 0
     ckpt = json.loads(first.read_text())["checkpoint"]
-    state = torch.load(ckpt, weights_only=False)
-    assert not any("states_" in k for k in state["state_dict"])  # cached states stay out
+    from safetensors import safe_open
+
+    with safe_open(ckpt, "pt") as f:  # the checkpoint's tensors and metadata, read by safetensors alone
+        names, state = list(f.keys()), json.loads(f.metadata()["state"])
+    assert any(k.startswith("state_dict/") for k in names)
+    assert not any("states_" in k for k in names)  # cached states stay out
     second = tmp_path / "second.json"
     assert cli.main(["--model=IISANVS", "--dataset=tiny", f"--resume={ckpt}", f"--result_file={second}",
                      *[a for a in args if not a.startswith("--epochs")], "--epochs=4"]) == 0

@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
     return {"data": root, "result": res, "checkpoint": Path(res["checkpoint"])}
 
 
-def _copy(trained, tmp_path: Path, name: str = "ck.pth") -> Path:
+def _copy(trained, tmp_path: Path, name: str = "ck.safetensors") -> Path:
     folder = tmp_path / "saved"
     folder.mkdir(exist_ok=True)
     dst = folder / name
@@ -81,21 +81,40 @@ def _resume_args(trained, tmp_path: Path, ck: Path, *extra: str, hidden: int = 1
             f"--embedding_size={hidden}", *extra]
 
 
+def _read(ck: Path) -> dict:
+    """A checkpoint's state, read with safetensors and json alone (the format of
+    recbole_iisan/trainer/checkpoint_file.py), not with the plugin's loader."""
+    from safetensors import safe_open
+
+    with safe_open(str(ck), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    from recbole_iisan.trainer.checkpoint_file import decode
+
+    return decode(json.loads(meta["state"]), tensors)
+
+
+def _write(state: dict, ck: Path) -> None:
+    from recbole_iisan.trainer import checkpoint
+
+    checkpoint.save(state, ck)
+
+
 def _forget_best(ck: Path) -> None:
     """A copy whose best score is -inf: the first resumed epoch improves on it and saves."""
-    state = torch.load(ck, weights_only=False)
+    state = _read(ck)
     state["best_valid_score"] = -np.inf
-    torch.save(state, ck)
+    _write(state, ck)
 
 
 def test_resume_reports_the_whole_run_and_never_writes_the_resumed_file(trained, tmp_path, capsys):
     ck = _copy(trained, tmp_path)
     # learning rate 0 in the saved optimizer state (a resumed run takes its lr from there): the
     # resumed epochs cannot change the model, so the best epoch is still the first run's
-    state = torch.load(ck, weights_only=False)
+    state = _read(ck)
     for group in state["optimizer"]["param_groups"]:
         group["lr"] = 0.0
-    torch.save(state, ck)
+    _write(state, ck)
     before = ck.read_bytes()
     first = trained["result"]
     code, err = _run(capsys, *_resume_args(trained, tmp_path, ck, "--epochs=4"))
@@ -109,7 +128,7 @@ def test_resume_reports_the_whole_run_and_never_writes_the_resumed_file(trained,
     assert ck.read_bytes() == before  # the resumed file is never written ...
     new = Path(res["checkpoint"])  # ... the run saved (and tested) its own
     assert new != ck and new.parent == ck.parent
-    saved = torch.load(new, weights_only=False)
+    saved = _read(new)
     assert saved["epoch"] == 3 and len(saved["plugin_history"]["train_epoch_seconds"]) == 4
 
 
@@ -125,7 +144,7 @@ def test_resume_saves_a_better_model_to_a_new_name(trained, tmp_path, capsys, ca
     new = Path(res["checkpoint"])
     assert new != ck and new.parent == ck.parent and new.is_file()
     assert f"this run saves to {new}" in caplog.text
-    saved = torch.load(new, weights_only=False)
+    saved = _read(new)
     assert saved["epoch"] >= trained["result"]["best_epoch"]  # a later epoch than the resumed one
     assert res["epochs_run"] == 3 and len(saved["plugin_history"]["valid_scores"]) <= 3
 
@@ -137,7 +156,7 @@ def test_resuming_a_finished_run_writes_nothing(trained, tmp_path, capsys):
     code, err = _run(capsys, *_resume_args(trained, tmp_path, ck, f"--epochs={best}"))
     assert code == 0, err[-2000:]
     res = _strict_json(tmp_path / "resumed.json")
-    assert ck.read_bytes() == before and sorted(p.name for p in ck.parent.iterdir()) == ["ck.pth"]
+    assert ck.read_bytes() == before and sorted(p.name for p in ck.parent.iterdir()) == ["ck.safetensors"]
     assert res["checkpoint"] == str(ck) and res["epochs_run"] == best
     assert res["best_valid_result"] == trained["result"]["best_valid_result"]
 
@@ -205,8 +224,8 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_previous_checkpoint(traine
     _one_line(code, err, "disk full while saving checkpoint", str(ck.parent),
               f"the previous checkpoint {ck} is intact")
     assert ck.read_bytes() == before
-    assert torch.load(ck, weights_only=False)["epoch"] == trained["result"]["best_epoch"] - 1
-    assert sorted(p.name for p in ck.parent.iterdir()) == ["ck.pth"]  # no temp or half file left
+    assert _read(ck)["epoch"] == trained["result"]["best_epoch"] - 1
+    assert sorted(p.name for p in ck.parent.iterdir()) == ["ck.safetensors"]  # no temp or half file left
 
 
 def _truncate(p: Path) -> None:
@@ -226,9 +245,9 @@ def _no_state_dict(p: Path) -> None:
 
 
 def _missing_key(p: Path) -> None:
-    state = torch.load(p, weights_only=False)
+    state = _read(p)
     state["state_dict"].pop("position_embedding.weight")
-    torch.save(state, p)
+    _write(state, p)
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -252,7 +271,7 @@ def test_a_checkpoint_of_another_model_size_is_one_line(trained, tmp_path, capsy
 
 
 def test_a_missing_checkpoint_is_one_line(trained, tmp_path, capsys):
-    ck = tmp_path / "saved" / "nope.pth"
+    ck = tmp_path / "saved" / "nope.safetensors"
     code, err = _run(capsys, *_resume_args(trained, tmp_path, ck, "--epochs=3"))
     _one_line(code, err, f"checkpoint {ck}: not found")
 
@@ -293,7 +312,7 @@ def test_bad_values_are_one_line_before_any_data_is_read(args, expected, tmp_pat
 def test_epochs_zero_on_a_real_dataset_is_one_line(tiny_data, tmp_path, capsys):
     code, err = _run(capsys, *SASREC, f"--data_path={tiny_data}", f"--checkpoint_dir={tmp_path}", "--epochs=0")
     _one_line(code, err, "config key 'epochs' must be >= 1, got 0")
-    assert not list(tmp_path.glob("*.pth"))
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.pth"))
 
 
 @pytest.mark.parametrize("bad, expected", [

@@ -117,3 +117,65 @@ def test_torchvision_processor_close_to_pil_on_real_posters() -> None:
     steps = (a - b).abs() / step
     assert a.shape == b.shape
     assert float((steps > 1.01).float().mean()) < 0.01  # bicubic resampling differs in < 1% of values
+
+
+@pytest.mark.skipif(not DINO.is_dir() or not POSTERS.is_dir(), reason="../shared dinov2-small or posters absent")
+def test_live_model_path_and_cache_give_the_same_hidden_states(tmp_path) -> None:
+    """One decode path: the live models' pixels (``data/raw_inputs``, normalised on the fly by
+    ``model/states.Backbones``) and the cache builder's give the same hidden states for the same
+    image files, with dinov2-small under the hub's own preprocessing (shortest edge 256, then a
+    224 centre crop: the earlier live path resized straight to 224x224 and got other states)."""
+    import json
+    from types import SimpleNamespace
+
+    from conftest import plugin_defaults
+    from recbole_iisan.data import cache as cache_mod
+    from recbole_iisan.data.images import ImageStore, import_images
+    from recbole_iisan.data.raw_inputs import image_pixels
+    from recbole_iisan.model.states import Backbones
+    from recbole_iisan.towers.encoders import load_image_processor
+    from recbole_iisan.towers.spec import TowerSpec
+
+    enc = tmp_path / "dinov2-crop"
+    enc.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (enc / name).symlink_to(DINO / name)
+    pre = json.loads((DINO / "preprocessor_config.json").read_text())
+    pre.update(size={"shortest_edge": 256}, do_center_crop=True, crop_size={"height": 224, "width": 224})
+    (enc / "preprocessor_config.json").write_text(json.dumps(pre))
+    posters = sorted(POSTERS.glob("*.jpg"))[:3]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    tokens = []
+    for p in posters:
+        (imgs / p.name).symlink_to(p)
+        tokens.append(p.stem)
+    assert any(Image.open(p).size[0] != Image.open(p).size[1] for p in posters)  # the crop matters
+    store_path = tmp_path / "store"
+    import_images(imgs, store_path, item_tokens=tokens, progress=False)
+    store = ImageStore(store_path)
+    spec = TowerSpec("image", "image", str(enc), extra={"image_backend": "pil"})
+    layers = [0, 6, 12]
+
+    config = {**plugin_defaults(), "cache_dir": str(tmp_path / "cache"), "cache_dtype": "float32",
+              "encoder_dtype": "float32", "image_backend": "pil", "show_progress": False, "dataset": "posters",
+              "data_path": str(tmp_path)}
+    folder = cache_mod.ensure_cache(config, spec, layers, tokens, image_store=store)
+    cached, missing = cache_mod.load_states(folder, tokens, layers, dtype=torch.float32)
+    assert not missing
+
+    transform = imgtf.ImageTransform(load_image_processor(str(enc), "pil"), "pil")
+    pixels, n_missing = image_pixels(store, tokens, transform)
+    assert n_missing == 0 and pixels.dtype == np.uint8 and pixels.shape == (3, 3, 224, 224)
+    mean, std, rescale = transform.normalisation()
+    inputs = {"pixels": torch.from_numpy(np.concatenate([np.zeros_like(pixels[:1]), pixels])),
+              "mean": torch.tensor(mean), "std": torch.tensor(std), "rescale": torch.tensor(rescale)}
+    dataset = SimpleNamespace(towers=["image", "image2"], tower_specs={"image": spec, "image2": spec},
+                              item_inputs={"image": inputs, "image2": inputs})
+    live = Backbones(dataset, n_items=len(tokens) + 1, always_eval=True)
+    with torch.no_grad():
+        states = live.hidden_rows("image", torch.arange(1, len(tokens) + 1), layers)
+    torch.testing.assert_close(states, cached, rtol=1e-4, atol=1e-4)
+    # and the states are the ones of the cropped image, not of the image squeezed to 224x224
+    squeezed = [np.asarray(Image.open(p).convert("RGB").resize((224, 224), resample=3)) for p in posters]
+    assert not np.array_equal(pixels.transpose(0, 2, 3, 1), np.stack(squeezed))

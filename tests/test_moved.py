@@ -16,6 +16,14 @@ def test_an_old_module_path_names_its_new_home(old: str, new: str) -> None:
     assert str(exc.value) == f"{old} moved to {new} in recbole-iisan 0.2: import it from there"
 
 
+@pytest.mark.parametrize("old,new", sorted(MOVED.items()))
+def test_from_package_import_old_module_names_its_new_home(old: str, new: str) -> None:
+    package, name = old.rsplit(".", 1)
+    with pytest.raises(ModuleNotFoundError) as exc:
+        exec(f"from {package} import {name}", {})
+    assert str(exc.value) == f"{old} moved to {new} in recbole-iisan 0.2: import it from there"
+
+
 def test_old_names_of_moved_helpers_name_their_new_home() -> None:
     with pytest.raises(ImportError, match=r"recbole_iisan\.report\.markdown_table moved to recbole_iisan\.utils\.tables"):
         from recbole_iisan.report import markdown_table  # noqa: F401

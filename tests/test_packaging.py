@@ -68,7 +68,7 @@ def test_wheel_holds_every_properties_yaml_and_the_console_script(wheel):
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
     assert "recbole-iisan = recbole_iisan.quick_start.cli:main" in entry_points
     metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
-    assert "Requires-Dist: pooch" in metadata and "Requires-Dist: gdown" in metadata
+    assert "Requires-Dist: requests" in metadata and "Requires-Dist: gdown" in metadata
 
 
 def test_installed_wheel_runs_sasrec_with_the_plugin_protocol_from_anywhere(installed, tmp_path):

@@ -22,7 +22,6 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     # the nodes' workers import this checkout of the package (not another installed copy)
     repo = str(Path(__file__).resolve().parents[1])
     old_path = os.environ.get("PYTHONPATH")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, write_tiny_dataset
+from conftest import DINOV2, WORDS, write_tiny_dataset
 from recbole_iisan.quick_start import cli
 from recbole_iisan.utils.errors import EXIT_USER_ERROR
 
@@ -125,9 +125,24 @@ def _new_items_tsv(path: Path) -> list[tuple[str, str]]:
     return items
 
 
-def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
+def catalogue_embeddings(run, cfg: dict, tokens: list[str]) -> torch.Tensor:
+    """The trained side network's embeddings of ``tokens`` read from caches built from scratch over
+    the dataset of ``cfg`` (whose item file holds them as catalogue items)."""
     from recbole_iisan.data import cache as cache_mod
-    from recbole_iisan.serving.new_items import encode_new_items, standardize_like
+    from recbole_iisan.serving.new_items import standardize_like
+
+    folders = cache_mod.ensure_caches(cfg)
+    rebuilt = []
+    for tower in run.model.towers:
+        states, missing = cache_mod.load_states(folders[tower], tokens, run.model.states.layers[tower], torch.float32)
+        assert not missing
+        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
+    with torch.no_grad():
+        return run.model.side(*rebuilt).float()
+
+
+def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
+    from recbole_iisan.serving.new_items import encode_new_items
     from recbole_iisan.serving.recommend import load_run, recommend
 
     run = load_run(trained["ckpt"])
@@ -145,15 +160,8 @@ def test_new_items_equal_a_rebuilt_cache(trained, tmp_path) -> None:
 
     cfg = {**plugin_defaults(), **trained["config_dict"], "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
            "dataset": "tiny"}
-    folders = cache_mod.ensure_caches(cfg)
     model = run.model
-    rebuilt = []
-    for tower in model.towers:
-        states, missing = cache_mod.load_states(folders[tower], tokens, model.states.layers[tower], torch.float32)
-        assert not missing
-        rebuilt.append(standardize_like(states, run.dataset.item_states[tower]))
-    with torch.no_grad():
-        expected = model.side(*rebuilt).float()
+    expected = catalogue_embeddings(run, cfg, tokens)
     torch.testing.assert_close(new.embeddings, expected, rtol=1e-5, atol=1e-5)
     # the known items' embeddings are unchanged (the trained model is untouched)
     with torch.no_grad():
@@ -235,3 +243,153 @@ def test_sasrec_recommend_and_export(tmp_path: Path) -> None:
     (tmp_path / "new.tsv").write_text("n1\tsome title\n")
     with pytest.raises(Exception, match="content model"):
         recommend(r, users=users, new_items=tmp_path / "new.tsv")
+
+
+# --------------------------------------------------------------------------------------------
+# serving takes the training flags; a --dataset / --model that contradicts the checkpoint is one
+# line; the answer prints without third-party warnings (the real command line, in a subprocess)
+
+def _cli(*args: str, cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, str(repo / "run_recbole_iisan.py"), *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sasrec_cli(tmp_path_factory):
+    """SASRec trained by the command line with --data_path=DIR (the parent of DIR/tiny)."""
+    root = tmp_path_factory.mktemp("serveflags")
+    write_tiny_dataset(root / "data")
+    out = root / "r.json"
+    proc = _cli("--model=SASRec", "--dataset=tiny", f"--data_path={root / 'data'}", f"--checkpoint_dir={root / 'saved'}",
+                "--epochs=1", "--hidden_size=16", "--inner_size=32", "--n_layers=1", "--n_heads=1",
+                "--train_batch_size=256", "--eval_batch_size=256", f"--result_file={out}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "ckpt": json.loads(out.read_text())["checkpoint"]}
+
+
+def _answer(proc) -> list[str]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_recommend_takes_the_training_data_path_and_prints_no_warning(sasrec_cli):
+    root, ck = sasrec_cli["root"], sasrec_cli["ckpt"]
+    same = _cli(f"--recommend={ck}", f"--data_path={root / 'data'}", "--users=u1,u2", "--topk=3", cwd=root)
+    lines = _answer(same)
+    assert "user u1:" in same.stdout and "user u2:" in same.stdout
+    assert not [line for line in (same.stdout + same.stderr).splitlines() if "Warning" in line], same.stderr
+    # the dataset moved: the checkpoint's own data_path is gone, --data_path (as at training) finds it
+    moved = root / "moved"
+    (moved / "tiny").mkdir(parents=True)
+    for f in (root / "data" / "tiny").glob("tiny.*"):
+        (moved / "tiny" / f.name).write_bytes(f.read_bytes())
+    (root / "data").rename(root / "gone")
+    try:
+        again = _cli(f"--recommend={ck}", f"--data_path={moved}", "--users=u1,u2", "--topk=3", cwd=root)
+        assert _answer(again) == lines
+        # the same through --config_files, and a --key=value of the training flags
+        (root / "serve.yaml").write_text(f"data_path: {moved}\n")
+        by_file = _cli(f"--recommend={ck}", f"--config_files={root / 'serve.yaml'}", "--eval_batch_size=64",
+                       "--users=u1,u2", "--topk=3", cwd=root)
+        assert _answer(by_file) == lines
+    finally:
+        (root / "gone").rename(root / "data")
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--dataset=ml-100k", "the checkpoint was trained on tiny; drop --dataset or pass a checkpoint of ml-100k"),
+    ("--model=GRU4Rec", "the checkpoint holds a SASRec model; drop --model or pass a checkpoint of GRU4Rec"),
+])
+def test_a_dataset_or_model_contradicting_the_checkpoint_is_one_line(sasrec_cli, flag, expected):
+    proc = _cli(f"--recommend={sasrec_cli['ckpt']}", flag, "--users=u1", cwd=sasrec_cli["root"])
+    assert proc.returncode == EXIT_USER_ERROR
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    # the same model / dataset given again is fine
+    ok = _cli(f"--recommend={sasrec_cli['ckpt']}", "--dataset=tiny", "--model=SASRec", "--users=u1",
+              cwd=sasrec_cli["root"])
+    assert "user u1:" in ok.stdout, ok.stderr[-3000:]
+
+
+def _smooth_png(path: Path, seed: int) -> None:
+    """A photo-like (smooth) random image, not square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    Image.fromarray(base).resize((50, 70), resample=3).save(path)
+
+
+@pytest.mark.skipif(not DINOV2.is_dir(), reason=f"{DINOV2} absent (the shared dinov2-small)")
+def test_new_items_with_an_image_tower_equal_the_same_items_in_the_catalogue(tmp_path) -> None:
+    """--new_items through a model with an image tower (IISANVA, dinov2-small): the new items' embeddings
+    and scores equal those of the same items built as catalogue items from scratch (their images
+    in the dataset's image folder, a fresh cache)."""
+    from test_encoders import make_tiny_bert
+
+    from conftest import plugin_defaults
+    from recbole_iisan.quick_start.pipeline import run as train
+    from recbole_iisan.serving.new_items import encode_new_items
+    from recbole_iisan.serving.recommend import load_run, recommend
+
+    n_items = 16
+    write_tiny_dataset(tmp_path / "data", n_users=30, n_items=n_items, seq_len=(5, 7))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(n_items):
+        _smooth_png(imgs / f"i{i}.png", i)
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    items = [("new1", "red glass flask", "new1.png"), ("new2", "steel clamp set", "pics/new2.png")]
+    (new_dir / "pics").mkdir()
+    for k, (_, _, rel) in enumerate(items):
+        _smooth_png(new_dir / rel, 100 + k)
+    (new_dir / "new.tsv").write_text("".join(f"{i}\t{t}\t{p}\n" for i, t, p in items))
+
+    cd = {"data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "ckpt"),
+          "cache_dir": str(tmp_path / "cache"), "towers": ["text", "image"],
+          "text_encoder": str(make_tiny_bert(tmp_path / "bert")), "text_fields": ["title"],
+          "image_encoder": str(DINOV2), "image_dir": str(imgs), "image_backend": "pil",
+          "epochs": 1, "train_batch_size": 64, "eval_batch_size": 128, "embedding_size": 16, "sanb_size": 8,
+          "inner_size": 32, "encoder_batch_size": 16, "state_norm": "dim", "cache_dtype": "float32",
+          "show_progress": False}
+    result = train("IISANVA", "tiny", config_dict=cd, result_file=str(tmp_path / "res.json"))
+    run = load_run(result["checkpoint"])
+    assert run.model.towers == ["text", "image"]
+    new = encode_new_items(run, new_dir / "new.tsv")
+    tokens = [i for i, _, _ in items]
+
+    # from scratch: the new items as catalogue items (item file, image folder), a fresh cache
+    data2 = tmp_path / "data2"
+    write_tiny_dataset(data2, n_users=30, n_items=n_items, seq_len=(5, 7))
+    with open(data2 / "tiny" / "tiny.item", "a") as f:
+        f.writelines(f"{i}\t{t}\n" for i, t, _ in items)
+    imgs2 = tmp_path / "imgs2"
+    imgs2.mkdir()
+    for p in imgs.iterdir():
+        (imgs2 / p.name).symlink_to(p)
+    for i, _, rel in items:
+        (imgs2 / f"{i}.png").symlink_to(new_dir / rel)
+    cfg = {**plugin_defaults(), **cd, "data_path": str(data2), "cache_dir": str(tmp_path / "cache2"),
+           "image_dir": str(imgs2), "dataset": "tiny"}
+    model = run.model
+    expected = catalogue_embeddings(run, cfg, tokens)
+    torch.testing.assert_close(new.embeddings, expected, rtol=1e-4, atol=1e-4)
+
+    # their scores: the user's representation times the catalogue-built embeddings
+    df = recommend(run, users=["u3"], topk=run.n_items + len(items), new_items=new_dir / "new.tsv")
+    seq, lengths, _ = run.user_histories(["u3"])
+    with torch.no_grad():
+        table = model.item_table()
+        s = torch.as_tensor(seq)
+        user = model.gather_indexes(model.encode_sequence(table[s], s), torch.as_tensor(lengths) - 1)
+        want = (user @ expected.t())[0]
+    got = df.set_index("item_id").score
+    np.testing.assert_allclose([got[t] for t in tokens], want.numpy(), rtol=1e-4, atol=1e-4)

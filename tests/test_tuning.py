@@ -198,7 +198,6 @@ def _is_descendant(pid: int) -> bool:
 @pytest.fixture
 def local_ray():
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         yield ray
@@ -262,7 +261,7 @@ def test_interrupted_search_resumes_and_a_failing_trial_is_listed(tmp_path, monk
     import subprocess
     import time
 
-    from recbole_iisan import cli
+    from recbole_iisan.quick_start import cli
 
     pytest.importorskip("ray")
     _tiny_dataset(tmp_path / "data")
@@ -273,7 +272,7 @@ def test_interrupted_search_resumes_and_a_failing_trial_is_listed(tmp_path, monk
             "--cpus_per_trial=1", f"--storage_path={storage}", "--tune_name=r", f"--data_path={tmp_path / 'data'}",
             "--epochs=2", "--hidden_size=16", "--inner_size=32", "--n_layers=1", "--train_batch_size=64",
             "--eval_batch_size=256", "--state=warning"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     log = tmp_path / "driver.log"
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, str(REPO / "run_recbole_iisan.py"), *argv], cwd=tmp_path, env=env,

@@ -1,5 +1,6 @@
 """Checks of user input that end in one line instead of a traceback (or a silent bad run).
 
+- :func:`check_types`: every documented key holds a value of its documented type (``typed_keys``).
 - :func:`validate_config`: documented numeric ranges, enumerated string values and unknown keys
   of a built config (``config.build_config`` calls it once, after the type check), before any
   data is loaded.
@@ -59,6 +60,56 @@ LAYER_SCHEME_KEYS = ("layer_scheme", "deep_layer_scheme")
 
 # --------------------------------------------------------------------------------------------
 # rules from the yaml typed comments
+
+_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,<>=.+-]+)\)")  # "(int)", "(int, >= 1)": the ranges below
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float, int),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+def typed_keys(files: Optional[Iterable[str]] = None) -> dict[str, str]:
+    """key -> accepted type names (``"int"``, ``"str|list"``), from the typed comments of the
+    properties yaml files (``# (int) ...``, ``# (str or list) ...``); declarations of one key
+    in several files are united."""
+    files = files if files is not None else sorted(PROPERTIES_DIR.rglob("*.yaml"))
+    types: dict[str, set[str]] = {}
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            m = _TYPED_COMMENT.match(line)
+            if not m:
+                continue
+            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t and t[0] not in "<>="}
+            if names and names <= set(_TYPES):
+                types.setdefault(m.group(1), set()).update(names)
+    return {k: "|".join(sorted(v)) for k, v in types.items()}
+
+
+def check_types(config: Any, types: Optional[dict[str, str]] = None) -> None:
+    """Raise PluginConfigError for the first documented key whose value has the wrong type."""
+    types = types if types is not None else typed_keys()
+    for key, tnames in types.items():
+        try:
+            value = config[key]
+        except KeyError:
+            continue
+        if value is None:
+            continue
+        ok = False
+        for tname in tnames.split("|"):
+            if isinstance(value, _TYPES[tname]) and not (tname in ("int", "float") and isinstance(value, bool)):
+                ok = True
+        if not ok:
+            expected = " or ".join(tnames.split("|"))
+            raise PluginConfigError(
+                f"config key '{key}' must be {expected}, got {value!r} ({type(value).__name__})"
+            )
+
+
 
 def _parse_rule(spec: str, tail: str) -> tuple[list[tuple[str, float]], Optional[list]]:
     """``'int, >= 1'`` + the description -> ([('>=', 1.0)], enumeration or None)."""
@@ -160,8 +211,30 @@ def _rules_for(config: Any) -> tuple[dict, dict]:
     return numeric_ranges(), enums
 
 
+@functools.lru_cache(maxsize=1)
+def nullable_keys() -> frozenset:
+    """Keys some plugin yaml sets to ``~`` (None means something there, e.g. ``inter_sanb_size``)."""
+    keys = set()
+    for f in _plugin_yaml_files():
+        data = yaml.load(Path(f).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        keys |= {str(k) for k, v in (data or {}).items() if v is None} if isinstance(data, dict) else set()
+    return frozenset(keys)
+
+
 def check_ranges(config: Any) -> None:
-    """Documented numeric ranges and enumerations of every key the config holds."""
+    """Documented numeric ranges and enumerations of every key the config holds; a documented
+    key set to ``~`` whose default is not ``~`` is refused (it would fail far from the config)."""
+    nullable = nullable_keys()
+    for key in sorted(typed_keys()):
+        if key in nullable:
+            continue
+        try:
+            value = config[key]
+        except KeyError:
+            continue
+        if value is None and key in _user_keys(config):
+            raise PluginConfigError(f"config key '{key}' is ~ (None), which it does not take: give a value "
+                                    f"or leave the key out for its default")
     ranges, enums = _rules_for(config)
     for key in sorted(set(ranges) | set(enums) | set(LAYER_SCHEME_KEYS)):
         try:
@@ -307,11 +380,24 @@ def check_search_space(params: Sequence[Any], config: Any, hyper_file: str) -> N
             values = list(hp.values)
         elif hp.kind == "loguniform":
             values = [math.exp(v) for v in hp.values[:2]]
+        elif hp.is_int:
+            values = [int(v) for v in hp.values[:2]]
         else:
-            values = list(hp.values[:2])
+            values = [float(v) for v in hp.values[:2]]
         for v in values:
+            _check_sample_type(hp, v, where)
             if hp.name in LAYER_SCHEME_KEYS or hp.name in enums or hp.name in ranges:
                 check_value(hp.name, v, ranges.get(hp.name, ()), enums.get(hp.name), where=where)
+
+
+def _check_sample_type(hp: Any, value: Any, where: str) -> None:
+    """A sampled value has the key's documented type (a trial's config would refuse it)."""
+    try:
+        check_types({hp.name: value})
+    except PluginConfigError as exc:
+        hint = (f" ({hp.kind} samples floats: quniform with integral bounds and step samples integers)"
+                if hp.kind != "choice" and isinstance(value, float) else "")
+        raise PluginConfigError(f"{where}: {exc}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------

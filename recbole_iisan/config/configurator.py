@@ -16,7 +16,6 @@ checked after the merge, so ``--sanb_size=abc`` ends in one line naming the key 
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -31,6 +30,7 @@ from recbole.config import Config  # noqa: E402
 from recbole_iisan.config.checks import file_dicts  # noqa: E402
 from recbole_iisan.utils.errors import PluginConfigError  # noqa: E402
 from recbole_iisan.utils.files import properties_dir  # noqa: E402
+from recbole_iisan.utils.values import literal_value, yaml_flow_value  # noqa: E402
 
 PROPERTIES_DIR = properties_dir()
 
@@ -45,15 +45,7 @@ PLUGIN_MODELS: dict[str, str] = {
     "BitFit": "recbole_iisan.model.baselines:BitFit",
 }
 
-_TYPED_COMMENT = re.compile(r"^(\w+)\s*:.*#\s*\(([\w |,<>=.+-]+)\)")  # "(int)", "(int, >= 1)": see checks.py
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (float, int),
-    "str": (str,),
-    "bool": (bool,),
-    "list": (list, tuple),
-    "dict": (dict,),
-}
+from recbole_iisan.config.checks import check_types, typed_keys  # noqa: E402,F401  (the type rules live in checks.py)
 
 
 def plugin_model_names() -> list[str]:
@@ -80,19 +72,12 @@ def get_model_class(name: str) -> type:
 # command-line overrides
 
 def parse_value(text: str) -> Any:
-    """One override value, converted as RecBole converts its command line (``2e-4`` -> 0.0002,
-    ``[10,20]`` -> a list, ``True`` -> True, anything else stays a string); a list or mapping of
-    bare words (``[text, text2]``) is read as RecBole reads its yaml files."""
-    value = Config._convert_config_dict(None, {"v": text})["v"]  # noqa: the method uses no state
-    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-        # a YAML flow list or mapping with bare words (``[text, text2]``), read as RecBole reads yaml
-        try:
-            loaded = yaml.load(value, Loader=Config._build_yaml_loader(None))
-        except yaml.YAMLError:
-            return value
-        if isinstance(loaded, (list, dict)):
-            return loaded
-    return value
+    """One override value, read as data, never evaluated: Python literals (``2e-4`` -> 0.0002,
+    ``[10,20]`` -> a list, ``"{'text_head': 1e-3}"`` -> a dict, ``True`` / ``true`` -> True,
+    ``None``), a flow list or mapping of bare words (``[text, text2]``) as RecBole reads its yaml
+    files, and anything else stays a string (``Hit@10``; a Python expression too: it is not run).
+    RecBole's own conversion ``eval``s the text; see :mod:`recbole_iisan.utils.values`."""
+    return yaml_flow_value(literal_value(text))
 
 
 def parse_overrides(args: Sequence[str], where: str = "the command line") -> dict[str, Any]:
@@ -148,44 +133,6 @@ def config_file_list(model: str, dataset: str, user_files: Optional[Iterable[str
     return out
 
 
-def typed_keys(files: Optional[Iterable[str]] = None) -> dict[str, str]:
-    """key -> accepted type names (``"int"``, ``"str|list"``), from the typed comments of the
-    properties yaml files (``# (int) ...``, ``# (str or list) ...``); declarations of one key
-    in several files are united."""
-    files = files if files is not None else sorted(PROPERTIES_DIR.rglob("*.yaml"))
-    types: dict[str, set[str]] = {}
-    for f in files:
-        for line in Path(f).read_text().splitlines():
-            m = _TYPED_COMMENT.match(line)
-            if not m:
-                continue
-            names = {t for t in re.split(r"\s*(?:\bor\b|\||,)\s*", m.group(2).strip()) if t and t[0] not in "<>="}
-            if names and names <= set(_TYPES):
-                types.setdefault(m.group(1), set()).update(names)
-    return {k: "|".join(sorted(v)) for k, v in types.items()}
-
-
-def check_types(config: Any, types: Optional[dict[str, str]] = None) -> None:
-    """Raise PluginConfigError for the first documented key whose value has the wrong type."""
-    types = types if types is not None else typed_keys()
-    for key, tnames in types.items():
-        try:
-            value = config[key]
-        except KeyError:
-            continue
-        if value is None:
-            continue
-        ok = False
-        for tname in tnames.split("|"):
-            if isinstance(value, _TYPES[tname]) and not (tname in ("int", "float") and isinstance(value, bool)):
-                ok = True
-        if not ok:
-            expected = " or ".join(tnames.split("|"))
-            raise PluginConfigError(
-                f"config key '{key}' must be {expected}, got {value!r} ({type(value).__name__})"
-            )
-
-
 def _merge_dict_overrides(files: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     """A dict-valued override is merged into the files' dict of the same key."""
     file_values = None
@@ -217,13 +164,16 @@ def build_config(
     files = check_config_files(files)  # a yaml syntax error or a list: one line naming the file
     overrides = _merge_dict_overrides(files, dict(overrides or {}))
     config_dict = _merge_dict_overrides(files, dict(config_dict or {}))
-    config = PluginConfig(
-        model=model_class if model in PLUGIN_MODELS else model,
-        dataset=dataset,
-        config_file_list=files,
-        config_dict=config_dict,
-        cmd_overrides=overrides,
-    )
+    try:
+        config = PluginConfig(
+            model=model_class if model in PLUGIN_MODELS else model,
+            dataset=dataset,
+            config_file_list=files,
+            config_dict=config_dict,
+            cmd_overrides=overrides,
+        )
+    except (TypeError, ValueError, NotImplementedError) as exc:  # RecBole's own checks (``topk=[10,``, a metric it lacks)
+        raise PluginConfigError(f"RecBole refused the config: {exc}") from None
     config.plugin_files = [f for f in files if Path(f).resolve().is_relative_to(PROPERTIES_DIR.resolve())]
     check_types(config)
     validate_config(config)  # ranges, enumerations, unknown keys (checks.py), before any data is read
@@ -235,3 +185,76 @@ def build_config(
 
         resolve_towers(config)
     return config
+
+
+# --------------------------------------------------------------------------------------------
+# the config a checkpoint stores, and the Config rebuilt from it
+
+#: keys of one process, never stored: DDP rank and rendezvous, the device, what trusts a pickle
+RUNTIME_KEYS = frozenset({"local_rank", "world_size", "ip", "port", "nproc", "offset", "gpu_id", "device",
+                          "single_spec", "trust_checkpoint", "item_state_caches"})
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is data a checkpoint stores as JSON (numbers, strings, lists, dicts)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def plain_values(values: dict) -> dict[str, Any]:
+    """The settings of ``values`` that a checkpoint stores: plain data, no per-process key."""
+    out = {}
+    for key, value in (values or {}).items():
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(key, str) and key not in RUNTIME_KEYS and _plain(value):
+            out[key] = value
+    return out
+
+
+def stored_config(config: Any) -> dict[str, Any]:
+    """What a checkpoint stores of its run's config: ``{"model", "dataset", "values"}``, the values
+    being the run's own settings (yaml files, ``config_dict``, command line: RecBole's
+    ``external_config_dict``), from which :func:`config_from_stored` rebuilds the Config."""
+    values = getattr(config, "external_config_dict", None)
+    if values is None:  # a plain dict config (tests, tools)
+        values = dict(config)
+    return {"model": str(config["model"]), "dataset": str(config["dataset"]), "values": plain_values(values)}
+
+
+def legacy_stored_config(state: dict) -> dict[str, Any]:
+    """:func:`stored_config` of a pickled legacy ``Config`` (its attributes, as data)."""
+    final = state.get("final_config_dict") or {}
+    model = final.get("model", state.get("model"))
+    # the run's resolved values (RecBole's defaults may differ from the plugin's: MAX_ITEM_LIST_LENGTH),
+    # minus what RecBole derives from others, then the values the user gave
+    resolved = {k: v for k, v in plain_values(final).items() if k not in LEGACY_DERIVED_KEYS}
+    return {"model": model if isinstance(model, str) else None, "dataset": final.get("dataset", state.get("dataset")),
+            "values": {**resolved, **plain_values(state.get("external_config_dict") or {})}}
+
+
+#: keys of a legacy ``final_config_dict`` that RecBole computes from others (``data_path`` joined with
+#: the dataset, the normalised negative-sampling and evaluation settings, the metric direction)
+LEGACY_DERIVED_KEYS = frozenset({"data_path", "train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args",
+                                 "eval_neg_sample_args", "valid_metric_bigger", "model", "dataset",
+                                 "item_state_caches"})
+
+
+def config_from_stored(stored: dict, config_files: Optional[Iterable[str]] = None, config_dict: Optional[dict] = None,
+                       overrides: Optional[dict] = None) -> Config:
+    """The Config of a checkpoint's run, built as the run built it (:func:`build_config`): the
+    plugin's yaml files, then the stored values, then the user's ``config_files``, ``config_dict``
+    and command-line ``overrides`` (``--data_path`` is the parent folder, as at training)."""
+    from recbole_iisan.config.checks import check_config_files
+
+    for f in config_files or []:
+        if not Path(f).is_file():
+            raise PluginConfigError(f"config file not found: {f}")
+    user_files = check_config_files([str(f) for f in config_files or []])
+    values = {**dict(stored.get("values") or {}), **file_dicts(user_files), **dict(config_dict or {})}
+    return build_config(str(stored["model"]), str(stored["dataset"]), config_dict=values, overrides=overrides)

@@ -23,7 +23,9 @@ Policies (all explicit and logged):
   ``unknown_items="drop"`` those interactions are dropped and counted;
 - titles: HTML entities decoded, TAB/CR/LF -> space, whitespace collapsed, ``"`` -> ``''`` (RecBole's
   reader would take a field starting with ``"`` as quoted); an empty title is kept as empty and
-  counted in a warning;
+  counted in a warning; a title longer than RecBole's reader takes in a field is cut to that length;
+- ids: an id RecBole or the cache could not take as written (a leading ``"``, a value pandas reads
+  as missing such as ``NA`` or ``null``, more than LMDB's 511-byte key) is an error (``file:line``);
 - a malformed line raises :class:`PrepareError` with ``<file>:<line>: <what was expected>``;
   blank lines are skipped.
 """
@@ -49,6 +51,15 @@ MANIFEST_VERSION = 1
 UNKNOWN_ITEM_POLICIES = ("error", "drop")
 
 _WS = re.compile(r"\s+")
+#: what RecBole's reader (pandas ``read_csv``'s default ``na_values``) reads as a missing value;
+#: an id written as one of these would come back as NaN (tests compare with pandas' own list)
+NA_TOKENS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+#: LMDB's largest key: an item token is the key of its cached states and of its image
+MAX_TOKEN_BYTES = 511
+#: the longest field RecBole's reader takes (pandas' python engine: ``csv.field_size_limit()``)
+MAX_FIELD_CHARS = 131_072
 
 
 from recbole_iisan.utils.errors import PrepareError  # noqa: E402,F401  (re-exported)
@@ -103,16 +114,32 @@ def _read_lines(path: Path) -> List[str]:
 
 def clean_title(title: str) -> str:
     """A title RecBole's reader takes verbatim: HTML entities decoded, TAB/CR/LF and runs of
-    whitespace -> one space, ``"`` -> ``''`` (so no field starts with a quote), stripped."""
+    whitespace -> one space, ``"`` -> ``''`` (so no field starts with a quote), stripped, cut to
+    the :data:`MAX_FIELD_CHARS` characters RecBole's reader takes in one field."""
     title = html.unescape(title)
     title = _WS.sub(" ", title).strip()
-    return title.replace('"', "''")
+    return title.replace('"', "''")[:MAX_FIELD_CHARS]
+
+
+def token_problem(token: str) -> Optional[str]:
+    """Why RecBole or the cache could not take ``token`` as an id as written (None: it can):
+    RecBole's reader (pandas) reads a leading ``"`` as a quote and :data:`NA_TOKENS` as missing,
+    and LMDB keys (the caches, the image store) hold at most :data:`MAX_TOKEN_BYTES` bytes."""
+    if token.startswith('"'):
+        return "does not start with '\"'"
+    if token in NA_TOKENS:
+        return "RecBole does not read as missing (NA, null, nan, ...)"
+    if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
+        return f"of at most {MAX_TOKEN_BYTES} bytes"
+    return None
 
 
 def _check_token(token: str, path: Path, lineno: int, what: str) -> None:
-    if token.startswith('"'):
-        raise PrepareError(f'{path}:{lineno}: expected a {what} that does not start with \'"\', '
-                           f"found {token!r}")
+    problem = token_problem(token)
+    if problem is not None:
+        shown = token if len(token) <= 40 else token[:40] + f"... ({len(token):,} characters)"
+        article = "an" if what[0] in "aeiou" else "a"
+        raise PrepareError(f"{path}:{lineno}: expected {article} {what} that {problem}, found {shown!r}")
 
 
 def _keyed_lines(path: Path, what: str, second: str) -> Iterator[Tuple[int, str, str]]:
@@ -242,10 +269,20 @@ def prepare_dataset(dataset: str, raw_dir: PathLike, data_path: PathLike,
     return result
 
 
+def dataset_name_problem(dataset: str) -> Optional[str]:
+    """Why ``dataset`` cannot name the folder and files of a dataset (None: it can)."""
+    if not dataset or dataset in (".", "..") or "\0" in dataset:
+        return "that names a folder (not empty, '.', '..' or holding NUL)"
+    if os.sep in dataset or (os.altsep and os.altsep in dataset):
+        return "without path separators"
+    return None
+
+
 def _check_options(dataset: str, paper_protocol: bool, min_seq_len: int, max_seq_len: int,
                    unknown_items: str) -> dict:
-    if not dataset or os.sep in dataset or (os.altsep and os.altsep in dataset):
-        raise PrepareError(f"expected a dataset name without path separators, found {dataset!r}")
+    problem = dataset_name_problem(dataset)
+    if problem is not None:
+        raise PrepareError(f"expected a dataset name {problem}, found {dataset!r}")
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
         raise PrepareError(f"unknown_items: expected one of {UNKNOWN_ITEM_POLICIES}, found {unknown_items!r}")
     if int(max_seq_len) < 1:

@@ -7,12 +7,13 @@ tower, the item's *model inputs* in RecBole's internal item-id order (row 0 = th
   tower's tokenizer (specials included, truncated to ``<t>_max_length``, right-padded to the
   longest item, T <= max_length). The text is the tower's fields joined by ". " as the cache does.
   Row 0 (padding) is one special token.
-- the image tower: ``pixels`` ``[n_items, 3, H, W]`` uint8 (resized to the encoder's input size,
-  e.g. 224x224, with its processor's resampling; no crop), plus ``mean`` / ``std`` ``[3]`` and
-  ``rescale`` (the processor's, or 0.5/0.5 for the paper's transform), so that the model
-  normalises on the fly: ``(pixels * rescale - mean) / std``. Items without an image
-  (``missing_image: zeros``) and row 0 are black images. Keeping uint8 makes ml-100k's 1,682
-  posters 253 MB instead of 1 GB.
+- the image tower: ``pixels`` ``[n_items, 3, H, W]`` uint8, decoded, resized and cropped by the
+  tower's image transform (``towers/image_transform.py``, ``ImageTransform.resized``: the same
+  decode and processor as the cache builder, by ``image_backend``), plus ``mean`` / ``std``
+  ``[3]`` and ``rescale`` (the processor's, or 0.5/0.5 for the paper's transform), so that the
+  model normalises on the fly: ``(pixels * rescale - mean) / std``, which is what the cache
+  builder's transform computes. Items without an image (``missing_image: zeros``) and row 0 are
+  black images. Keeping uint8 makes ml-100k's 1,682 posters 253 MB instead of 1 GB.
 
 The decoded pixels are saved once as ``.npy`` next to the encoder caches (``cache_root``) and
 reused when the item set, the image store and the size are the same.
@@ -30,52 +31,36 @@ import torch
 
 from recbole_iisan.data.dataset import ProtocolSequentialDataset
 from recbole_iisan.data.images import check_missing_images
+from recbole_iisan.utils.errors import EncoderLoadError
 from recbole_iisan.utils.files import atomic_write_bytes
 from recbole_iisan.towers.encoders import load_image_processor, load_tokenizer, pad_id_of, pad_ids, tokenize
+from recbole_iisan.towers.image_transform import ImageTransform, resolve_image_backend
 
 logger = logging.getLogger()
 
 DEFAULT_IMAGE_SIZE = 224
 
 
-def _image_size(processor: Any) -> tuple[int, int]:
-    size = getattr(processor, "size", None) or {}
-    crop = getattr(processor, "crop_size", None) or {}
-    if getattr(processor, "do_center_crop", False) and crop:
-        size = crop
-    if "height" in size and "width" in size:
-        return int(size["height"]), int(size["width"])
-    if "shortest_edge" in size:
-        s = int(size["shortest_edge"])
-        return s, s
-    return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+def image_pixels(store: Any, tokens: list[str], transform: Any, batch: int = 64) -> tuple[np.ndarray, int]:
+    """uint8 ``[len(tokens), 3, H, W]`` of the tower's image transform
+    (:meth:`~recbole_iisan.towers.image_transform.ImageTransform.resized`: the decode, resize and
+    crop the cache builder uses); tokens without an image are black. Returns (pixels, n missing)."""
+    have = [i for i, t in enumerate(tokens) if t in store]
+    out = None
+    for k in range(0, len(have), batch):
+        rows = have[k:k + batch]
+        pix = transform.resized(store.get_bytes_many([tokens[i] for i in rows])).numpy()
+        if out is None:
+            out = np.zeros((len(tokens),) + pix.shape[1:], dtype=np.uint8)
+        out[rows] = pix
+    if out is None:  # no image at all: black images of the transform's size
+        from PIL import Image
 
-
-def image_normalisation(processor: Any) -> tuple[list[float], list[float], float, tuple[int, int], int]:
-    """``(mean, std, rescale, (H, W), PIL resample)`` of an image processor (None: the paper's
-    transform: 224x224 bilinear, mean = std = 0.5)."""
-    if processor is None:
-        return [0.5] * 3, [0.5] * 3, 1 / 255.0, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE), 2
-    mean = list(getattr(processor, "image_mean", None) or [0.5] * 3)
-    std = list(getattr(processor, "image_std", None) or [0.5] * 3)
-    rescale = float(getattr(processor, "rescale_factor", 1 / 255.0)) if getattr(processor, "do_rescale", True) else 1.0
-    resample = getattr(processor, "resample", 2)
-    resample = int(getattr(resample, "value", resample) if resample is not None else 2)
-    return mean, std, rescale, _image_size(processor), resample
-
-
-def decode_images(store: Any, tokens: list[str], size: tuple[int, int], resample: int) -> tuple[np.ndarray, int]:
-    """uint8 ``[len(tokens), 3, H, W]``; absent tokens are black. Returns (pixels, n missing)."""
-    h, w = size
-    out = np.zeros((len(tokens), 3, h, w), dtype=np.uint8)
-    missing = 0
-    for i, tok in enumerate(tokens):
-        if tok not in store:
-            missing += 1
-            continue
-        img = store.get_image(tok).convert("RGB").resize((w, h), resample=resample)
-        out[i] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    return out, missing
+        buf = io.BytesIO()
+        Image.new("RGB", (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)).save(buf, "PNG")
+        shape = transform.resized([buf.getvalue()]).shape[1:]
+        out = np.zeros((len(tokens),) + tuple(shape), dtype=np.uint8)
+    return out, len(tokens) - len(have)
 
 
 class RawInputSequentialDataset(ProtocolSequentialDataset):
@@ -129,26 +114,32 @@ class RawInputSequentialDataset(ProtocolSequentialDataset):
         from recbole_iisan.data.cache.identity import store_path
         from recbole_iisan.data.cache.paths import cache_root, find_image_store
 
-        processor = load_image_processor(spec.encoder)
-        mean, std, rescale, size, resample = image_normalisation(processor)
+        try:
+            backend = resolve_image_backend(dict(getattr(spec, "extra", {}) or {}).get("image_backend", "auto"),
+                                            spec.name)
+        except ValueError as exc:
+            raise EncoderLoadError(str(exc)) from None
+        transform = ImageTransform(load_image_processor(spec.encoder, backend), backend)
+        mean, std, rescale = transform.normalisation()
         store = find_image_store(self.config, tokens, spec.name)
         have = [t for t in tokens if t in store]
         missing = len(tokens) - len(have)
         check_missing_images(self.config, spec.name, [t for t in tokens if t not in store], len(tokens), "black images")
+        processor = transform.processor
         digest = hashlib.sha256(
             (store_path(store) + "\0" + "\0".join(tokens) + "\0" + "\0".join(have)
-             + f"\0{size}\0{resample}").encode()
+             + f"\0{backend}\0{processor.to_json_string() if processor is not None else 'paper'}").encode()
         ).hexdigest()[:16]
         npy = None
         try:
-            npy = Path(cache_root(self.config)) / f"raw-{spec.name}-{size[0]}x{size[1]}-{digest}.npy"
+            npy = Path(cache_root(self.config)) / f"raw-{spec.name}-{digest}.npy"
         except Exception:  # noqa: BLE001 - no writable cache folder: decode every time
             npy = None
         if npy is not None and npy.is_file():
             pixels = np.load(npy)
             logger.info(f"tower '{spec.name}': decoded pixels reused from {npy}")
         else:
-            pixels, _ = decode_images(store, tokens, size, resample)
+            pixels, _ = image_pixels(store, tokens, transform)
             pixels = np.concatenate([np.zeros((1,) + pixels.shape[1:], np.uint8), pixels])
             if npy is not None:
                 buf = io.BytesIO()

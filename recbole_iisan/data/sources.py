@@ -2,14 +2,17 @@
 
 The authors publish each dataset as two header-less TSV files in their repository
 (github.com/GAIR-Lab/IISAN, folder ``Dataset/<Name>/``); :func:`fetch_raw_dataset` downloads them
-from the commit pinned in :data:`UPSTREAM_COMMIT` with `pooch <https://www.fatiando.org/pooch>`_,
-which streams to a temporary file in the target folder, checks the sha256 against
-:data:`KNOWN_DATASETS`, retries on network errors, shows a tqdm bar and only then renames the file
-into place. A file whose sha256 is not known here (Office's items file) is accepted, its sha256 is
-logged and recorded in ``<dest>/sources.json``; a file at the final name that cannot be verified
-(wrong sha256, or unknown hash and no matching record) is deleted and fetched again, so a
-leftover or corrupted file is never taken for a complete one. An interrupted TSV download starts
-again from zero on the next run (the files are at most a few MB).
+from the commit pinned in :data:`UPSTREAM_COMMIT` with ``requests``, resumably: the bytes go to
+``<file>.part`` in the target folder; a dropped connection is retried (:data:`RETRIES` times, then
+on the next run) from the end of the ``.part`` file with an HTTP ``Range: bytes=N-`` request and
+appended; a server that ignores the range (200 instead of 206, or a ``Content-Range`` that does not
+start at N) restarts the file from zero. The whole file is checked against the sha256 of
+:data:`KNOWN_DATASETS` only then and renamed into place; a resumed file that fails its sha256 is
+fetched once more from zero (the ``.part`` may be from another version of the file), and a file
+that fails it again is deleted with one line. A file whose sha256 is not known here (Office's
+items file) is accepted, its sha256 is logged and recorded in ``<dest>/sources.json``; a file at
+the final name that cannot be verified (wrong sha256, or unknown hash and no matching record) is
+deleted and fetched again, so a leftover or corrupted file is never taken for a complete one.
 
 Images (:func:`fetch_images`) are the authors' Google-Drive zips, fetched with ``gdown``
 (``resume=True``: an interrupted download continues from its ``.part`` file with an HTTP range
@@ -23,14 +26,14 @@ the same place instead of Google Drive.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from recbole_iisan.utils.errors import DownloadError
 from recbole_iisan.utils.files import PathLike, atomic_write_json
@@ -44,6 +47,8 @@ ENV_URL = "RECBOLE_IISAN_DATA_URL"
 RECORD_FILE = "sources.json"
 RAW_SUBDIR = "raw"
 RETRIES = 2
+#: seconds without a byte before a transfer counts as dropped
+TIMEOUT_S = 60
 DRIVE_URL = "https://drive.google.com/file/d/{id}"
 
 
@@ -143,16 +148,12 @@ def _read_record(dest: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _sha256(path: PathLike) -> str:
-    import pooch
-
-    return pooch.file_hash(str(path), alg="sha256")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _drop_unverifiable(dest: Path, fname: str, known: Optional[str], record: dict) -> None:
@@ -172,42 +173,119 @@ def _drop_unverifiable(dest: Path, fname: str, known: Optional[str], record: dic
     path.unlink()
 
 
-@contextmanager
-def _quiet_pooch() -> Iterator[None]:
-    """pooch logs each download itself; we log our own line (into RecBole's log as well)."""
-    import pooch
+class _ChecksumError(Exception):
+    """A fetched file's sha256 is not the known one (``actual``)."""
 
-    plog = pooch.get_logger()
-    level = plog.level
-    plog.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        plog.setLevel(level)
+    def __init__(self, actual: str):
+        super().__init__(actual)
+        self.actual = actual
 
 
-def _copy_downloader(url: str, output_file: Any, pooch_obj: Any = None,
-                     check_only: bool = False) -> Optional[bool]:
-    """A pooch downloader for a local folder: copy into pooch's temporary file (pooch then
-    checks the sha256 and renames it into place, exactly as for a download)."""
-    if check_only:
-        return Path(url).is_file()
-    if hasattr(output_file, "write"):
-        with open(url, "rb") as src:
-            shutil.copyfileobj(src, output_file)
-    else:
-        shutil.copyfile(url, output_file)
-    return None
+class DroppedTransfer(OSError):
+    """A transfer that stopped before its end (the bytes so far are in the ``.part`` file)."""
+
+
+def _dropped() -> tuple:
+    """The errors of a transfer that stopped half-way (requests' and urllib3's own)."""
+    import requests
+    import urllib3
+
+    return (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.TimeoutError)
+
+
+def _part(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def _http_to_part(url: str, part: Path, progress: bool) -> None:
+    """Append the bytes of ``url`` the ``.part`` file lacks (``Range: bytes=<size>-``); restart
+    it from zero when the server ignores the range. Raises requests' errors on a dropped transfer
+    (the bytes received so far stay in ``part``)."""
+    import requests
+    from tqdm.auto import tqdm
+
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"Accept-Encoding": "identity"}  # a range counts the bytes as sent: no compression
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
+        if have and r.status_code == 416:  # nothing after byte N: the .part is already whole
+            return
+        r.raise_for_status()
+        resumed = have and r.status_code == 206 and \
+            r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        if have and not resumed:
+            logger.info(f"{url}: the server ignored the range request; fetching the file from the start")
+            have = 0
+        total = int(r.headers.get("Content-Length") or 0) + have
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total or None, initial=have, unit="B", unit_scale=True, disable=not progress,
+                     desc=part.name[:-len(".part")], leave=False) as bar:
+            # read1: every byte that arrived is written, up to the moment the connection drops
+            read = getattr(r.raw, "read1", None) or r.raw.read
+            for chunk in iter(lambda: read(1 << 16), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
+def _fetch_to_part(src: str, part: Path, progress: bool, retries: int) -> None:
+    """The whole of ``src`` (a URL, or a local file copied) in ``part``; a dropped connection is
+    retried ``retries`` times, each from where the last one stopped."""
+    import requests
+
+    if not _is_url(src):
+        shutil.copyfile(src, part)
+        return
+    for attempt in range(retries + 1):
+        try:
+            _http_to_part(src, part, progress)
+            return
+        except requests.exceptions.HTTPError as exc:
+            if exc.response is None or exc.response.status_code < 500 or attempt == retries:
+                raise
+        except _dropped() as exc:
+            if attempt == retries:
+                raise DroppedTransfer(_reason(exc)) from exc
+        size = part.stat().st_size if part.is_file() else 0
+        logger.info(f"{src}: transfer interrupted at {size:,} bytes; resuming (retry {attempt + 1}/{retries})")
+
+
+def _fetch_file(src: str, path: Path, known: Optional[str], progress: bool, retries: int) -> str:
+    """``src`` -> ``path``, verified; returns its sha256. Raises :class:`_ChecksumError` (the
+    ``.part`` deleted) or the transfer's error (the ``.part`` kept for the next run)."""
+    part = _part(path)
+    resumed = part.is_file() and part.stat().st_size > 0
+    if resumed:
+        logger.info(f"{part}: resuming after {part.stat().st_size:,} bytes")
+    _fetch_to_part(src, part, progress, retries)
+    sha = _sha256(part)
+    if known is not None and sha != known and resumed:
+        logger.warning(f"{path.name}: the resumed file fails its sha256; fetching it again from the start")
+        part.unlink()
+        _fetch_to_part(src, part, progress, retries)
+        sha = _sha256(part)
+    if known is not None and sha != known:
+        part.unlink()
+        raise _ChecksumError(sha)
+    os.replace(part, path)
+    return sha
 
 
 def _reason(exc: BaseException) -> str:
     """A short, one-line reason for a failed fetch."""
     import requests
+    import urllib3
 
     if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
         return f"HTTP {exc.response.status_code} {exc.response.reason or ''}".strip()
-    if isinstance(exc, requests.exceptions.Timeout):
+    if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
         return "timed out"
+    if isinstance(exc, DroppedTransfer):
+        return str(exc)
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+        return "the connection dropped mid-file"
     if isinstance(exc, requests.exceptions.ConnectionError):
         return "cannot connect (offline?)"
     if isinstance(exc, FileNotFoundError):
@@ -227,7 +305,6 @@ def fetch_raw_dataset(dataset: str, dest_dir: PathLike, base_url: Optional[str] 
 
     Raises :class:`DownloadError` (one line: what, from where, the manual alternative) when a
     file cannot be fetched or fails its checksum; nothing unverified is left under its name."""
-    import pooch
     import requests
 
     table = dict(files) if files is not None else dict(known_dataset(dataset).files)
@@ -238,48 +315,39 @@ def fetch_raw_dataset(dataset: str, dest_dir: PathLike, base_url: Optional[str] 
         _drop_unverifiable(dest, fname, known, record)
 
     sources = {fname: source_of(dataset, fname, base_url) for fname in table}
-    registry = {fname: (f"sha256:{h}" if h else None) for fname, h in table.items()}
-    # base_url is unused: every file has its own entry in ``urls`` (URL or local path)
-    store = pooch.create(path=dest, base_url="", registry=registry, urls=sources,
-                         retry_if_failed=RETRIES if retries is None else retries,
-                         allow_updates=True)
     changed = False
     for fname, known in table.items():
         src = sources[fname]
         path = dest / fname
-        fresh = not path.is_file()
-        if fresh:
-            logger.info(f"fetching {dataset} file {fname} from {src}")
-        downloader = (pooch.HTTPDownloader(progressbar=progress) if _is_url(src)
-                      else _copy_downloader)
+        if path.is_file():
+            continue
+        logger.info(f"fetching {dataset} file {fname} from {src}")
         t0 = time.perf_counter()
         try:
-            with _quiet_pooch():
-                store.fetch(fname, downloader=downloader)
-        except ValueError as exc:  # pooch: sha256 mismatch (the temporary file is deleted)
-            got = str(exc).split(" but got ", 1)[-1].split(".", 1)[0] if " but got " in str(exc) else "?"
+            sha = _fetch_file(src, path, known, progress, RETRIES if retries is None else retries)
+        except _ChecksumError as exc:
             raise DownloadError(
-                f"{fname} of {dataset} from {src} failed its checksum (sha256 {got}, expected "
+                f"{fname} of {dataset} from {src} failed its checksum (sha256 {exc.actual}, expected "
                 f"{known}): the file was corrupted or changed and was not kept; "
                 f"{_manual_hint(dataset, fname)}") from None
         except (requests.exceptions.RequestException, OSError) as exc:
+            part = _part(path)
+            kept = (f"; {part.stat().st_size:,} bytes kept in {part.name}, the next run resumes"
+                    if part.is_file() and part.stat().st_size else "")
             raise DownloadError(f"could not fetch {fname} of {dataset} from {src} "
-                                f"({_reason(exc)}); {_manual_hint(dataset, ' and '.join(table))}") \
+                                f"({_reason(exc)}{kept}); {_manual_hint(dataset, ' and '.join(table))}") \
                 from None
-        if fresh:
-            changed = True
-            os.chmod(path, 0o666 & ~_umask())  # pooch's temporary file was created 0600
-            sha = known or _sha256(path)
-            size = path.stat().st_size
-            if known is None:
-                logger.warning(f"{fname}: no known sha256 to check it against; fetched "
-                               f"{size:,} bytes with sha256 {sha} (recorded in "
-                               f"{dest / RECORD_FILE})")
-            logger.info(f"{fname}: {size:,} bytes, sha256 ok, in {time.perf_counter() - t0:.1f} s "
-                        f"-> {path}")
-            record[fname] = {"source": src, "sha256": sha, "size": size,
-                             "verified": known is not None,
-                             "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        changed = True
+        size = path.stat().st_size
+        if known is None:
+            logger.warning(f"{fname}: no known sha256 to check it against; fetched "
+                           f"{size:,} bytes with sha256 {sha} (recorded in "
+                           f"{dest / RECORD_FILE})")
+        logger.info(f"{fname}: {size:,} bytes, sha256 ok, in {time.perf_counter() - t0:.1f} s "
+                    f"-> {path}")
+        record[fname] = {"source": src, "sha256": sha, "size": size,
+                         "verified": known is not None,
+                         "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if changed:
         atomic_write_json(dest / RECORD_FILE, record)
     return dest

@@ -71,9 +71,28 @@ def create_dataset(config: Any, model_class: type):
         return RawInputSequentialDataset(config)
     if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         return ProtocolSequentialDataset(config)
-    from recbole.data import create_dataset as rb_create_dataset
+    return recbole_dataset(config)
 
-    return rb_create_dataset(config)
+
+def recbole_dataset(config: Any):
+    """RecBole's ``create_dataset`` without its ``pickle.load`` of a saved dataset
+    (``dataset_save_path``, or ``<checkpoint_dir>/<dataset>-<class>.pth`` whenever it exists: a
+    pickle can run code): the same dataset class, built from the atomic files."""
+    import importlib
+
+    from recbole.utils import ModelType
+
+    module = importlib.import_module("recbole.data.dataset")
+    by_type = {ModelType.SEQUENTIAL: "SequentialDataset", ModelType.KNOWLEDGE: "KnowledgeBasedDataset"}
+    name = config["model"] + "Dataset"
+    if hasattr(module, name):
+        dataset_class = getattr(module, name)
+    else:
+        dataset_class = getattr(module, by_type.get(config["MODEL_TYPE"], "Dataset"))
+    dataset = dataset_class(config)
+    if config["save_dataset"]:
+        dataset.save()
+    return dataset
 
 
 def prepare_inputs(config: Any, model_class: Optional[type] = None) -> dict[str, str]:

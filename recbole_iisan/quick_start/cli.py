@@ -5,7 +5,7 @@
         [--paper_protocol]                   the paper's protocol instead of RecBole's
         [--compare=SASRec,GRU4Rec,IISANVS,IISANVA] [--seeds=2020,2021,2022] [--results_dir=DIR]
         [--jobs=N] [--resume]                 several models and seeds, paired tests (recbole_iisan.quick_start.compare)
-        [--result_file=PATH.json] [--resume=CHECKPOINT.pth]
+        [--result_file=PATH.json] [--resume=CHECKPOINT.safetensors]
         [--nproc=N --world_size=W --ip=IP --port=PORT --group_offset=K]   RecBole's DDP mode
         [--tune=hyper.test ...]              Ray Tune search (see recbole_iisan.quick_start.tune, recbole_iisan.trainer.hyper_tuning)
 
@@ -18,11 +18,17 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+DEFAULT_MODEL = "IISANVA"
+DEFAULT_DATASET = "ml-100k"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_recbole_iisan.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", default="IISANVA", help="IISANVS, IISANVA or any RecBole model name")
-    p.add_argument("--dataset", "-d", default="ml-100k", help="dataset name under data_path (or ml-100k)")
+    p.add_argument("--model", "-m", default=None, help=f"IISANVS, IISANVA or any RecBole model name (default "
+                   f"{DEFAULT_MODEL}; with --recommend: the checkpoint's)")
+    p.add_argument("--dataset", "-d", default=None, help=f"dataset name under data_path (default {DEFAULT_DATASET}; "
+                   f"with --recommend: the checkpoint's)")
     p.add_argument("--config_files", default=None, help="space-separated yaml files")
     p.add_argument("--paper_protocol", action="store_true", help="the authors' protocol: last 13 items per user, one training window per user, "
                    "full-history masking, selection on Hit@10, the authors' user encoder")
@@ -37,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_file", default=None, help="also write the comparison's CSV here")
     p.add_argument("--result_file", default=None, help="JSON result file (default under saved/)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
-                   help="--resume=CHECKPOINT.pth resumes a training run; with --compare/--seeds, --resume continues "
+                   help="--resume=CHECKPOINT.safetensors resumes a training run; with --compare/--seeds, --resume continues "
                    "the comparison in --results_dir; with --tune, --resume resumes the search")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--world_size", type=int, default=-1)
@@ -47,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", default=None, help="hyper.test file: run a Ray Tune search (one seed per trial: "
                    "the config's 'seed'; --seeds does not apply)")
     p.add_argument("--strict", action="store_true", help="unknown config keys are an error (strict_config: True)")
+    p.add_argument("--trust_checkpoint", action="store_true", help="UNSAFE: load a checkpoint of an older version "
+                   "(a pickle) even when it holds objects outside the allow-list; a pickle runs the code it holds, so "
+                   "only for a file from someone you trust (trust_checkpoint: True)")
     r = p.add_argument_group("recommend / export (recbole_iisan.serving.recommend, recbole_iisan.serving.export)")
-    r.add_argument("--recommend", default=None, help="CHECKPOINT.pth: print top-k items (--topk=K, default 10)")
+    r.add_argument("--recommend", default=None, help="CHECKPOINT.safetensors: print top-k items (--topk=K, default 10)")
     r.add_argument("--users", default=None, help="comma-separated raw user ids (with --recommend)")
     r.add_argument("--sequence", action="append", default=None, help='"i1 i2 i3": a raw-id history (repeatable)')
     r.add_argument("--new_items", default=None, help="TSV raw id TAB title [TAB image path]: unseen items to rank too")
@@ -75,6 +84,8 @@ def _config_dict(args: argparse.Namespace) -> dict:
         d["paper_protocol"] = True
     if args.strict:
         d["strict_config"] = True
+    if args.trust_checkpoint:
+        d["trust_checkpoint"] = True
     return d
 
 
@@ -103,7 +114,10 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
     if args.recommend or args.export:
         from recbole_iisan.serving.recommend import main as recommend_main
 
-        return recommend_main(args, overrides)
+        given = {"model": args.model, "dataset": args.dataset}
+        return recommend_main(args, overrides, config_files, config_dict, given={k: v for k, v in given.items() if v})
+    args.model = args.model or DEFAULT_MODEL
+    args.dataset = args.dataset or DEFAULT_DATASET
     if args.tune:
         from recbole_iisan.quick_start.tune import main as tune_main
 
@@ -131,7 +145,7 @@ def _main(args: argparse.Namespace, rest: list[str], overrides: dict) -> int:
                                     group_offset=args.group_offset, result_file=args.result_file)
         return 0
     if args.resume is True:
-        print("error: --resume needs a checkpoint path (--resume=saved/MODEL-....pth) outside --tune", file=sys.stderr)
+        print("error: --resume needs a checkpoint path (--resume=saved/MODEL-....safetensors) outside --tune", file=sys.stderr)
         return 2
     result = quick_start.run(args.model, args.dataset, config_files, config_dict, overrides,
                              resume=args.resume, result_file=args.result_file)

@@ -9,7 +9,7 @@ its own process (its peak memory is its own), ``--jobs`` at a time, each writing
 
 - ``<Model>-seed<seed>.json``: the run's result (``quick_start.run``), and
   ``<Model>-seed<seed>.users.csv``: each test user's metrics, for the paired tests;
-- ``checkpoints/<Model>-seed<seed>.pth`` (the best model) and ``...-last.pth`` (the whole training
+- ``checkpoints/<Model>-seed<seed>.safetensors`` (the best model) and ``...-last.safetensors`` (the whole training
   state after every validation: an interrupted run resumes exactly where it stopped);
 - ``comparison.json``: the models (the first is the baseline), seeds and settings;
 - ``compare.md`` / ``compare.csv``: the table of :mod:`recbole_iisan.quick_start.results` (mean +- std over
@@ -101,8 +101,8 @@ def seeds_of(config: Any, cli_seeds: Optional[list[int]]) -> list[int]:
 
 def run_paths(folder: Path, label: str, seed: int) -> dict[str, Path]:
     name = results.result_name(label, seed)
-    return {"result": folder / f"{name}.json", "checkpoint": folder / CHECKPOINTS / f"{name}.pth",
-            "last": folder / CHECKPOINTS / f"{name}-last.pth"}
+    return {"result": folder / f"{name}.json", "checkpoint": folder / CHECKPOINTS / f"{name}.safetensors",
+            "last": folder / CHECKPOINTS / f"{name}-last.safetensors"}
 
 
 def _manifest(dataset: str, models: Sequence[str], seeds: Sequence[int], protocol: str, config_files,

@@ -68,7 +68,7 @@ def run(
     (JSON) and, beside it, each test user's metrics (``<result>.users.csv``,
     :mod:`recbole_iisan.evaluator.per_user`).
 
-    ``checkpoint_file`` names the best model's file (default: RecBole's ``<Model>-<time>.pth``);
+    ``checkpoint_file`` names the best model's file (default: RecBole's ``<Model>-<time>``, ``.safetensors``);
     with ``last_checkpoint_file`` the whole training state is saved there after every validation,
     and ``resume`` given that file continues the run exactly where it stopped."""
     config = build_config(model, dataset, config_files, config_dict, overrides)
@@ -124,7 +124,7 @@ def _resume(trainer: PluginTrainer, resume: str, train_data: Any) -> None:
     """A rolling last state (exact continuation) or a checkpoint (continue after its epoch)."""
     from recbole_iisan.trainer import checkpoint
 
-    if checkpoint.is_last_checkpoint(resume):
+    if checkpoint.is_last_checkpoint(resume, trust=checkpoint.trusted(trainer.config)):
         checkpoint.resume_last(trainer, resume, train_data)
     else:
         trainer.resume_checkpoint(resume)

@@ -1,6 +1,6 @@
 """Export a trained model for serving: item table, TorchScript user encoder, exact top-k index.
 
-    python run_recbole_iisan.py --recommend=saved/IISANVS-....pth --export=DIR [--new_items=new.tsv]
+    python run_recbole_iisan.py --recommend=saved/IISANVS-....safetensors --export=DIR [--new_items=new.tsv]
 
 writes into ``DIR``:
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -60,7 +61,7 @@ class NewItems:
         """Internal ids of raw ids, known items and new items alike (new: ``n_known + k``)."""
         pos = {t: self.n_known + k for k, t in enumerate(self.tokens)}
         known = run.dataset.field2token_id[run.iid_field]
-        unknown = [t for t in tokens if t not in pos and t not in known]
+        unknown = [t for t in tokens if t not in pos and known.get(t, 0) == 0]  # id 0: [PAD]
         if unknown:
             raise PluginConfigError(f"--sequence: item id(s) {unknown[:5]} are neither items of the dataset "
                                     f"nor new items")
@@ -91,8 +92,13 @@ def read_new_items(path: PathLike, known: Any = ()) -> tuple[list[str], dict[str
     p = Path(path)
     if not p.is_file():
         raise PluginConfigError(f"--new_items: {p} not found")
-    with open(p, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PluginConfigError(f"{p}:{line}: expected UTF-8 text, found byte 0x{data[exc.start]:02x}") from None
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     numbered = [(i + 1, r) for i, r in enumerate(rows) if r and any(c.strip() for c in r)]
     if not numbered:
         raise PluginConfigError(f"--new_items: {p} is empty (expected raw_id TAB title [TAB image_path] per line)")

@@ -1,13 +1,13 @@
 """Top-k recommendations from a trained checkpoint, as raw item ids, titles and scores.
 
-    python run_recbole_iisan.py --recommend=saved/IISANVS-....pth --users=196,186 [--topk=10]
-    python run_recbole_iisan.py --recommend=saved/IISANVS-....pth --sequence="242 302 377"
+    python run_recbole_iisan.py --recommend=saved/IISANVS-....safetensors --users=196,186 [--topk=10]
+    python run_recbole_iisan.py --recommend=saved/IISANVS-....safetensors --sequence="242 302 377"
     python run_recbole_iisan.py --recommend=... --users=196 --new_items=new.tsv   # + unseen items
 
 From Python::
 
     from recbole_iisan.serving.recommend import recommend
-    df = recommend("saved/IISANVS-....pth", users=["196"], topk=10)   # pandas DataFrame
+    df = recommend("saved/IISANVS-....safetensors", users=["196"], topk=10)   # pandas DataFrame
 
 The model is rebuilt the way the training run built it (RecBole's ``load_data_and_model`` flow,
 through the plugin's pipeline): the config stored in the checkpoint -> ``recbole_iisan.data.utils.prepare_inputs``
@@ -71,7 +71,7 @@ class LoadedRun:
 
     def item_ids(self, tokens: Sequence[str], what: str = "--sequence") -> np.ndarray:
         known = self.dataset.field2token_id[self.iid_field]
-        unknown = [t for t in tokens if t not in known]
+        unknown = [t for t in tokens if known.get(t, 0) == 0]  # id 0 is RecBole's [PAD], no item
         if unknown:
             raise PluginConfigError(f"{what}: item id(s) {unknown[:5]} are not items of dataset "
                                     f"'{self.config['dataset']}' ({self.n_items - 1} items)")
@@ -181,32 +181,52 @@ class LoadedRun:
 _LOADED: dict[tuple, LoadedRun] = {}
 
 
-def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[dict] = None) -> LoadedRun:
+def check_given(stored: dict, path: PathLike, model: Optional[str] = None, dataset: Optional[str] = None) -> None:
+    """A ``--model`` / ``--dataset`` that contradicts the checkpoint: one line."""
+    if dataset is not None and str(dataset) != str(stored.get("dataset")):
+        raise CheckpointError(f"checkpoint {path}: the checkpoint was trained on {stored.get('dataset')}; drop "
+                              f"--dataset or pass a checkpoint of {dataset}")
+    if model is not None and str(model).lower() != str(stored.get("model")).lower():
+        raise CheckpointError(f"checkpoint {path}: the checkpoint holds a {stored.get('model')} model; drop "
+                              f"--model or pass a checkpoint of {model}")
+
+
+def rebuild_config(ck: dict, path: PathLike, device: Optional[str] = None, config_files=None,
+                   config_dict: Optional[dict] = None, overrides: Optional[dict] = None, trust: bool = False):
+    """The RecBole Config of a checkpoint's run (``config.config_from_stored``), for this process."""
+    from recbole_iisan.config.configurator import config_from_stored
+
+    stored = ck.get("config")
+    if not isinstance(stored, dict) or not stored.get("model") or not stored.get("dataset"):
+        raise CheckpointError(f"checkpoint {path}: holds no RecBole config (not saved by a training run)")
+    runtime = {"show_progress": False, "trust_checkpoint": bool(trust)}
+    config = config_from_stored(stored, config_files, {**dict(config_dict or {}), **runtime}, overrides)
+    config["device"] = torch.device(device or "cpu")
+    return config
+
+
+def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[dict] = None, config_files=None,
+             config_dict: Optional[dict] = None, model: Optional[str] = None, dataset: Optional[str] = None,
+             trust: bool = False) -> LoadedRun:
     """The trained model of checkpoint ``path`` with its dataset and split (see the module doc).
-    ``overrides`` change config keys that do not change the model (``data_path``, ``cache_dir``)."""
+    ``config_files``, ``config_dict`` and ``overrides`` (the command line's ``--key=value``) are
+    applied over the checkpoint's settings as at training (``--data_path`` is the parent folder);
+    ``model`` / ``dataset``, when given, must be the checkpoint's; ``trust`` lets a legacy pickle
+    checkpoint run its code (``--trust_checkpoint``)."""
     from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    from recbole_iisan.trainer import checkpoint
     from recbole_iisan.config.configurator import get_model_class
     from recbole_iisan.data.utils import create_dataset, prepare_inputs
+    from recbole_iisan.trainer import checkpoint
 
-    key = (str(Path(path).resolve()), device, repr(sorted((overrides or {}).items())))
+    key = (str(Path(path).resolve()), device, repr(sorted((overrides or {}).items())), repr(config_files),
+           repr(sorted((config_dict or {}).items())), model, dataset, trust)
     if key in _LOADED:
         return _LOADED[key]
-    ck = checkpoint.load(path, map_location="cpu")
-    config = ck.get("config")
-    if config is None or not hasattr(config, "final_config_dict"):
-        raise CheckpointError(f"checkpoint {path}: holds no RecBole config (not saved by a training run)")
-    config["device"] = torch.device(device or "cpu")
-    config["single_spec"] = True
-    config["local_rank"] = 0
-    config["show_progress"] = False
-    for k, v in (overrides or {}).items():
-        config[k] = v
-    from recbole_iisan.config.protocol import resolve_protocol
-
-    resolve_protocol(config)  # a checkpoint of an older version may hold the protocol's automatic values
+    ck = checkpoint.load(path, map_location="cpu", trust=trust)
+    check_given(ck.get("config") or {}, path, model, dataset)
+    config = rebuild_config(ck, path, device, config_files, config_dict, overrides, trust)
     init_seed(config["seed"], config["reproducibility"])
     model_class = get_model_class(config["model"])
     prepare_inputs(config, model_class)
@@ -215,10 +235,10 @@ def load_run(path: PathLike, device: Optional[str] = None, overrides: Optional[d
 
     ds = cold_start(config, ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
-    model = model_class(config, train_data._dataset).to(config["device"])
-    checkpoint.load_model_state(model, ck, path)
-    model.eval()
-    run = LoadedRun(str(path), config, ds, train_data, valid_data, test_data, model)
+    net = model_class(config, train_data._dataset).to(config["device"])
+    checkpoint.load_model_state(net, ck, path)
+    net.eval()
+    run = LoadedRun(str(path), config, ds, train_data, valid_data, test_data, net)
     _LOADED[key] = run
     return run
 
@@ -316,18 +336,23 @@ def format_breakdown(run: LoadedRun) -> str:
             + markdown([{"model": run.config["model"], "breakdown": bd}], metric))
 
 
-def main(args: Any, overrides: dict) -> int:
-    """``--recommend=CKPT`` (and ``--export=DIR``) from the command line."""
+def main(args: Any, overrides: dict, config_files: Optional[list] = None, config_dict: Optional[dict] = None,
+         given: Optional[dict] = None) -> int:
+    """``--recommend=CKPT`` (and ``--export=DIR``) from the command line: the training flags
+    (``--config_files``, ``--key=value``) apply over the checkpoint's settings; ``given`` holds the
+    ``--model`` / ``--dataset`` the user typed (each must be the checkpoint's)."""
+    given = dict(given or {})
     if not args.recommend:
-        raise PluginConfigError("--export needs the checkpoint to export: --recommend=saved/MODEL-....pth --export=DIR")
+        raise PluginConfigError("--export needs the checkpoint to export: --recommend=saved/MODEL-....safetensors --export=DIR")
     overrides = dict(overrides or {})
     topk = overrides.pop("topk", 10)
     topk = max(topk) if isinstance(topk, (list, tuple)) else topk
     if not isinstance(topk, int) or topk < 1:
         raise PluginConfigError(f"--topk: expected a positive integer, got {topk!r}")
-    users = [u.strip() for u in (args.users or "").split(",") if u.strip()]
+    users = list(dict.fromkeys(u.strip() for u in (args.users or "").split(",") if u.strip()))  # once each
     sequences = [s.split() for s in (args.sequence or [])]
-    run = load_run(args.recommend, overrides=overrides or None)
+    run = load_run(args.recommend, overrides=overrides or None, config_files=config_files, config_dict=config_dict,
+                   model=given.get("model"), dataset=given.get("dataset"), trust=bool(args.trust_checkpoint))
     if getattr(args, "breakdown", False):
         print(format_breakdown(run))
         if not users and not sequences and not args.export:

@@ -104,20 +104,23 @@ def decode_tensors(datas: Sequence[bytes]) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # the paper's transform (an encoder without an image processor)
 
-def paper_transform(images: Sequence[Any]) -> torch.Tensor:
-    """float32 ``[B, 3, 224, 224]``: resize straight to 224x224 (bilinear), to [0, 1], normalise
-    with 0.5 / 0.5. ``images`` are PIL images or uint8 ``[3, H, W]`` tensors."""
+def paper_resize(images: Sequence[Any]) -> torch.Tensor:
+    """uint8 ``[B, 3, 224, 224]``: resized straight to 224x224 (bilinear). ``images`` are PIL
+    images or uint8 ``[3, H, W]`` tensors."""
     if images and isinstance(images[0], torch.Tensor):
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
-        x = torch.stack([F.resize(t, [PAPER_SIZE, PAPER_SIZE], interpolation=InterpolationMode.BILINEAR,
-                                  antialias=True) for t in images]).float()
-    else:
-        arrays = [np.asarray(img.convert("RGB").resize((PAPER_SIZE, PAPER_SIZE), resample=2), dtype=np.float32)
-                  for img in images]  # resample=2: bilinear
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return (x / 255.0 - 0.5) / 0.5
+        return torch.stack([F.resize(t, [PAPER_SIZE, PAPER_SIZE], interpolation=InterpolationMode.BILINEAR,
+                                     antialias=True) for t in images])
+    arrays = [np.asarray(img.convert("RGB").resize((PAPER_SIZE, PAPER_SIZE), resample=2), dtype=np.uint8)
+              for img in images]  # resample=2: bilinear
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def paper_transform(images: Sequence[Any]) -> torch.Tensor:
+    """float32 ``[B, 3, 224, 224]``: :func:`paper_resize`, to [0, 1], normalise with 0.5 / 0.5."""
+    return (paper_resize(images).float() / 255.0 - 0.5) / 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,9 +162,33 @@ class ImageTransform:
             return paper_transform(images)
         return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
 
+    def decode(self, datas: Sequence[bytes]) -> list[Any]:
+        """Encoded image bytes -> RGB images of this backend (PIL images or uint8 tensors)."""
+        return (decode_tensors if self.backend == "torchvision" else decode_pil)(datas)
+
     def __call__(self, datas: Sequence[bytes]) -> torch.Tensor:
-        decode = decode_tensors if self.backend == "torchvision" else decode_pil
-        return self._pixels(decode(datas))
+        return self._pixels(self.decode(datas))
+
+    def resized(self, datas: Sequence[bytes]) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]``: the pixels :meth:`__call__` computes before rescaling and
+        normalising (the same decode, resize and crop), for models that keep their items' images
+        as uint8 and normalise on the fly with :meth:`normalisation`."""
+        images = self.decode(datas)
+        if self.processor is None:
+            return paper_resize(images)
+        x = self.processor(images=list(images), return_tensors="pt", do_rescale=False,
+                           do_normalize=False)["pixel_values"]
+        return x if x.dtype == torch.uint8 else x.round().clamp(0, 255).to(torch.uint8)
+
+    def normalisation(self) -> tuple[list[float], list[float], float]:
+        """``(mean, std, rescale)`` with ``__call__(d) == (resized(d) * rescale - mean) / std``."""
+        p = self.processor
+        if p is None:
+            return [0.5] * 3, [0.5] * 3, 1 / 255.0
+        mean = list(p.image_mean) if getattr(p, "do_normalize", True) else [0.0] * 3
+        std = list(p.image_std) if getattr(p, "do_normalize", True) else [1.0] * 3
+        rescale = float(p.rescale_factor) if getattr(p, "do_rescale", True) else 1.0
+        return mean, std, rescale
 
     def from_images(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images (the live models' input) -> pixel values."""
@@ -172,4 +199,4 @@ class ImageTransform:
 
 
 __all__ = ["IMAGE_BACKENDS", "ImageTransform", "decode_pil", "decode_tensors", "load_image_processor",
-           "paper_transform", "preprocessing_identity", "resolve_image_backend", "torchvision_problem"]
+           "paper_resize", "paper_transform", "preprocessing_identity", "resolve_image_backend", "torchvision_problem"]

@@ -1,51 +1,61 @@
-"""Training checkpoints: written atomically, read back with one-line errors.
+"""Training checkpoints: files that run no code when loaded, written atomically, read back with
+one-line errors.
 
-RecBole's ``Trainer`` saves with ``torch.save`` straight onto the checkpoint path and reads with a
-bare ``torch.load``: a save interrupted by a full disk or a kill leaves a half-written file, and a
-file that does not load ends in a torch traceback. :class:`~recbole_iisan.trainer.trainer.PluginTrainer`
-calls this module instead:
+RecBole's ``Trainer`` pickles its checkpoints (``torch.save`` of the whole ``Config``) straight onto
+the path and reads them with a bare ``torch.load``: loading a checkpoint someone hands you can run
+any code, an interrupted save leaves half a file, and a file that does not load ends in a torch
+traceback. :class:`~recbole_iisan.trainer.trainer.PluginTrainer` calls this module instead:
 
-- :func:`save` serialises the state in memory and writes it with ``utils.atomic_write_bytes``
-  (temp file in the same folder + fsync + rename): the path holds the previous checkpoint or the
-  new one, never part of one. A full disk raises :class:`~recbole_iisan.utils.errors.CheckpointError`
-  saying so (the previous checkpoint is intact).
-- :func:`load` raises ``CheckpointError`` with one line naming the file and what is wrong (missing,
-  empty, truncated, not a torch file, not a RecBole checkpoint).
+- :func:`save` writes the state as safetensors + JSON (:mod:`.checkpoint_file`: tensors in the
+  file, the config values and the training state in its metadata; no pickle) with
+  ``utils.atomic_write_bytes`` (temp file in the same folder + fsync + rename): the path holds the
+  previous checkpoint or the new one, never part of one. A full disk raises
+  :class:`~recbole_iisan.utils.errors.CheckpointError` saying so (the previous checkpoint is intact).
+- :func:`load` reads it with ``json`` and ``safetensors`` only. A checkpoint of RecBole or of
+  recbole-iisan 0.1 (a torch pickle) is read through an allow-list (:mod:`.legacy_checkpoint`);
+  one that names anything else is refused in one line naming the file and ``--trust_checkpoint``
+  (``trust=True``: torch's plain ``torch.load``, which runs what the file holds). Every other
+  problem is one line naming the file and what is wrong (missing, empty, truncated, not a
+  checkpoint, not a RecBole checkpoint).
 - :func:`load_model_state` / :func:`load_optimizer_state` refuse a checkpoint of another model or
   of other sizes, naming the first parameter that differs.
 
 The state keeps RecBole's keys (``config``, ``epoch``, ``cur_step``, ``best_valid_score``,
-``state_dict``, ``other_parameter``, ``optimizer``), so RecBole's own tools read it, plus
-:data:`HISTORY_KEY`: the per-epoch history (train seconds, evaluation seconds, validation scores
-and results) that lets a resumed run report the whole run.
+``state_dict``, ``other_parameter``, ``optimizer``), plus :data:`HISTORY_KEY`: the per-epoch history
+(train seconds, evaluation seconds, validation scores and results) that lets a resumed run report
+the whole run. ``config`` is plain data: ``{"model", "dataset", "values"}``, ``values`` being the
+run's own settings (its yaml files, ``config_dict`` and command line: ``config.stored_config``), from
+which ``--recommend`` rebuilds the RecBole ``Config`` with ``config.build_config``.
 """
 from __future__ import annotations
 
-import io
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from recbole_iisan.utils.errors import is_disk_full
-from recbole_iisan.utils.errors import CheckpointError
+from recbole_iisan.trainer import checkpoint_file
+from recbole_iisan.utils.errors import CheckpointError, is_disk_full
 from recbole_iisan.utils.files import PathLike, atomic_write_bytes
 
 
 HISTORY_KEY = "plugin_history"
 REQUIRED_KEYS = ("epoch", "state_dict")
+TRUST_HINT = ("--trust_checkpoint loads it as torch.load does, which runs whatever the file holds: only for a "
+              "file from someone you trust")
 
 
 def save(state: dict, path: PathLike, previous: Optional[PathLike] = None) -> Path:
     """Write ``state`` to ``path`` atomically; CheckpointError (one line) when that fails, naming
     the previous checkpoint (``path`` itself if it exists, else ``previous``), which is intact."""
     p = Path(path)
-    buf = io.BytesIO()
-    torch.save(state, buf, pickle_protocol=4)
     try:
-        return atomic_write_bytes(p, buf.getvalue())
+        data = checkpoint_file.to_bytes(state)
+    except checkpoint_file.FormatError as exc:
+        raise CheckpointError(f"cannot save checkpoint {p}: {exc}") from None
+    try:
+        return atomic_write_bytes(p, data)
     except OSError as exc:
         prev = p if p.is_file() else (Path(previous) if previous and Path(previous).is_file() else None)
         before = (f"the previous checkpoint {prev} is intact (--resume={prev} continues from it)" if prev
@@ -57,10 +67,10 @@ def save(state: dict, path: PathLike, previous: Optional[PathLike] = None) -> Pa
 
 
 def _unreadable_reason(p: Path, exc: BaseException) -> str:
-    with open(p, "rb") as f:
-        head = f.read(4)
+    import zipfile
+
     size = p.stat().st_size
-    if head.startswith(b"PK") and not zipfile.is_zipfile(p):
+    if checkpoint_file.kind(p) == "zip" and not zipfile.is_zipfile(p):
         return f"truncated ({size:,} bytes, the end of the file is missing)"
     if isinstance(exc, (ModuleNotFoundError, AttributeError, ImportError)):
         return f"saved by code that is not installed here ({type(exc).__name__}: {exc})"
@@ -68,18 +78,47 @@ def _unreadable_reason(p: Path, exc: BaseException) -> str:
     return f"not a torch checkpoint or damaged ({type(exc).__name__}: {first[:120]})"
 
 
-def load(path: PathLike, map_location: Any = "cpu") -> dict:
-    """The checkpoint dict at ``path``; CheckpointError naming the file and the problem."""
+def _read_legacy(p: Path, map_location: Any, trust: bool) -> Any:
+    """A torch pickle checkpoint (RecBole's, recbole-iisan 0.1's), with its config as plain data."""
+    from recbole_iisan.trainer import legacy_checkpoint
+
+    try:
+        ck = legacy_checkpoint.read_legacy(p, map_location, trust)
+    except checkpoint_file.UnsafePickle as exc:
+        raise CheckpointError(f"checkpoint {p}: not loaded: it is a pickle that refers to {exc.name}, which a "
+                              f"RecBole checkpoint never holds, and loading it could run code; "
+                              f"{TRUST_HINT}") from None
+    if isinstance(ck, dict) and "config" in ck and not isinstance(ck["config"], dict):
+        from recbole_iisan.config.configurator import legacy_stored_config
+
+        ck["config"] = legacy_stored_config(legacy_checkpoint.config_state(ck["config"]))
+    return ck
+
+
+def _read(p: Path, map_location: Any, trust: bool) -> Any:
+    kind = checkpoint_file.kind(p)
+    try:
+        if kind == "safetensors":
+            return checkpoint_file.read(p, map_location)
+        return _read_legacy(p, map_location, trust)
+    except CheckpointError:
+        raise
+    except checkpoint_file.FormatError as exc:
+        raise CheckpointError(f"checkpoint {p}: {exc}") from None
+    except Exception as exc:  # torch / safetensors raise RuntimeError, UnpicklingError, EOFError, ValueError...
+        raise CheckpointError(f"checkpoint {p}: cannot be read: {_unreadable_reason(p, exc)}") from None
+
+
+def load(path: PathLike, map_location: Any = "cpu", trust: bool = False) -> dict:
+    """The checkpoint dict at ``path`` (``config`` as plain data); CheckpointError naming the file
+    and the problem. ``trust``: a legacy pickle is loaded as torch loads it (runs its code)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p}: not found" + (" (it is a folder)" if p.is_dir() else ""))
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {p}: empty file (0 bytes), not a checkpoint "
                               f"(an interrupted save by an older version?)")
-    try:
-        ck = torch.load(p, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError...
-        raise CheckpointError(f"checkpoint {p}: cannot be read: {_unreadable_reason(p, exc)}") from None
+    ck = _read(p, map_location, trust)
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {p}: not a RecBole checkpoint (holds a {type(ck).__name__}, "
                               f"expected a dict with {', '.join(REQUIRED_KEYS)})")
@@ -88,6 +127,14 @@ def load(path: PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {p}: not a RecBole training checkpoint (no "
                               f"{', '.join(repr(k) for k in missing or ['state_dict'])})")
     return ck
+
+
+def trusted(config: Any) -> bool:
+    """Whether the run's config lets a legacy pickle checkpoint run its code (``trust_checkpoint``)."""
+    try:
+        return config["trust_checkpoint"] is True
+    except KeyError:
+        return False
 
 
 def _model_name(ck: dict) -> Optional[str]:
@@ -184,6 +231,22 @@ def history_state(trainer: Any) -> dict:
             "valid_scores": list(trainer.valid_scores), "valid_results": list(trainer.valid_results)}
 
 
+def trainer_state(trainer: Any, epoch: int) -> dict:
+    """RecBole's checkpoint keys (the config as plain values) + the per-epoch history."""
+    from recbole_iisan.config.configurator import stored_config
+
+    return {
+        "config": stored_config(trainer.config),
+        "epoch": epoch,
+        "cur_step": trainer.cur_step,
+        "best_valid_score": trainer.best_valid_score,
+        "state_dict": trainer.model.state_dict(),
+        "other_parameter": trainer.model.other_parameter(),
+        "optimizer": trainer.optimizer.state_dict(),
+        HISTORY_KEY: history_state(trainer),
+    }
+
+
 def save_trainer(trainer: Any, epoch: int, path: Optional[PathLike] = None) -> str:
     """RecBole's checkpoint state + the history, saved atomically. A run resumed from a file never
     writes that file: its first save goes to a new name (logged), which becomes
@@ -197,24 +260,14 @@ def save_trainer(trainer: Any, epoch: int, path: Optional[PathLike] = None) -> s
         path = resumed_name(getattr(trainer, "own_model_file", path), trainer.resumed_from)
         trainer.saved_model_file = path
         trainer.logger.info(f"resumed from {trainer.resumed_from} (left as it is): this run saves to {path}")
-    state = {
-        "config": trainer.config,
-        "epoch": epoch,
-        "cur_step": trainer.cur_step,
-        "best_valid_score": trainer.best_valid_score,
-        "state_dict": trainer.model.state_dict(),
-        "other_parameter": trainer.model.other_parameter(),
-        "optimizer": trainer.optimizer.state_dict(),
-        HISTORY_KEY: history_state(trainer),
-    }
-    save(state, path, previous=trainer.resumed_from)
+    save(trainer_state(trainer, epoch), path, previous=trainer.resumed_from)
     return path
 
 
 def resume_trainer(trainer: Any, resume_file: PathLike) -> None:
     """RecBole's ``resume_checkpoint`` with one-line errors and the history restored."""
     resume_file = str(resume_file)
-    ck = load(resume_file, map_location=trainer.device)
+    ck = load(resume_file, map_location=trainer.device, trust=trusted(trainer.config))
     check_model_name(ck, trainer.config["model"], resume_file)
     load_model_state(trainer.model, ck, resume_file)
     load_optimizer_state(trainer.optimizer, ck, resume_file)
@@ -244,7 +297,7 @@ def resume_trainer(trainer: Any, resume_file: PathLike) -> None:
 
 def load_into_trainer(trainer: Any, path: PathLike) -> None:
     """The best model's parameters before a test evaluation (RecBole's ``load_best_model``)."""
-    ck = load(path, map_location=trainer.device)
+    ck = load(path, map_location=trainer.device, trust=trusted(trainer.config))
     load_model_state(trainer.model, ck, path)
     trainer.logger.info(f"Loading model structure and parameters from {path}")
 
@@ -283,14 +336,7 @@ def save_last(trainer: Any, epoch: int, path: PathLike, train_data: Any) -> str:
     best score and result, per-epoch history, the best model's file and the random-number
     generators (torch, numpy, python, the training data loader's), written atomically."""
     state = {
-        "config": trainer.config,
-        "epoch": epoch,
-        "cur_step": trainer.cur_step,
-        "best_valid_score": trainer.best_valid_score,
-        "state_dict": trainer.model.state_dict(),
-        "other_parameter": trainer.model.other_parameter(),
-        "optimizer": trainer.optimizer.state_dict(),
-        HISTORY_KEY: history_state(trainer),
+        **trainer_state(trainer, epoch),
         LAST_KEY: {"best_valid_result": dict(trainer.best_valid_result or {}),
                    "best_model_file": str(trainer.saved_model_file),
                    "train_loss": {int(k): float(v) for k, v in trainer.train_loss_dict.items()},
@@ -300,16 +346,27 @@ def save_last(trainer: Any, epoch: int, path: PathLike, train_data: Any) -> str:
     return str(path)
 
 
-def is_last_checkpoint(path: PathLike) -> bool:
-    """Whether ``path`` holds a rolling state written by :func:`save_last`."""
-    return Path(path).is_file() and LAST_KEY in load(path)
+def is_last_checkpoint(path: PathLike, trust: bool = False) -> bool:
+    """Whether ``path`` holds a rolling state written by :func:`save_last` (a checkpoint of this
+    version: from its metadata alone)."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    if checkpoint_file.kind(p) == "safetensors":
+        import json
+
+        try:
+            return LAST_KEY in json.loads(checkpoint_file.metadata(p).get("state", "{}"))
+        except (checkpoint_file.FormatError, ValueError):
+            return False  # load() says what is wrong with it
+    return LAST_KEY in load(p, trust=trust)
 
 
 def resume_last(trainer: Any, path: PathLike, train_data: Any) -> None:
     """Continue a run from its rolling state (:func:`save_last`): the next epoch, the same
     patience, best model file, history and random-number generators, so that the resumed run
     trains as the uninterrupted one would have (bitwise on one CPU thread)."""
-    ck = load(path, map_location=trainer.device)
+    ck = load(path, map_location=trainer.device, trust=trusted(trainer.config))
     last = ck.get(LAST_KEY)
     if not isinstance(last, dict):
         raise CheckpointError(f"checkpoint {path}: not a rolling training state (no {LAST_KEY!r}); "

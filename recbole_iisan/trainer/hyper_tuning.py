@@ -202,14 +202,16 @@ def _ray_init(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     console; errors still reach it (Ray Tune prints them, and the final table has them)."""
     import ray
 
+    from recbole_iisan.utils.compat import quiet_ray_warnings
+
+    quiet_ray_warnings()
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}}
     if address:
         getLogger().info(f"joining the Ray cluster at {address}")
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  configure_logging=True, logging_level="warning", log_to_driver=False)
     return True
 

@@ -19,15 +19,17 @@ It is RecBole's ``Trainer`` with these additions, none of which changes RecBole'
   where it stopped (:func:`recbole_iisan.trainer.checkpoint.resume_last`);
 - it records training-only seconds per epoch, evaluation seconds and the best epoch, which the
   run report and the benchmarks read;
-- checkpoints go through ``recbole_iisan.trainer.checkpoint``: atomic saves, one line for a checkpoint
-  that does not load, the per-epoch history saved and restored (a resumed run reports the whole
-  run), and a run resumed from ``ck.pth`` saves to a new name, never over ``ck.pth``.
+- checkpoints go through ``recbole_iisan.trainer.checkpoint``: safetensors + JSON (``<Model>-<time>.safetensors``:
+  loading one runs no code), atomic saves, one line for a checkpoint that does not load, the
+  per-epoch history saved and restored (a resumed run reports the whole run), and a run resumed
+  from ``ck.safetensors`` saves to a new name, never over it.
 """
 from __future__ import annotations
 
 import inspect
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -38,6 +40,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_iisan.trainer import checkpoint
+from recbole_iisan.trainer.checkpoint_file import SUFFIX
 from recbole_iisan.utils.compat import strict_improvement
 
 
@@ -130,6 +133,8 @@ class PluginTrainer(Trainer):
         self.evaluator = RecordingEvaluator(config)
         if checkpoint_file:
             self.saved_model_file = str(checkpoint_file)
+        else:  # RecBole's <Model>-<time> name, with the extension of what is written (checkpoint_file.py)
+            self.saved_model_file = str(Path(self.saved_model_file).with_suffix(SUFFIX))
         #: where the whole training state is saved after every validation (``--resume`` continues it)
         self.last_checkpoint_file = last_checkpoint_file
         self.selection_rule = str(config["selection_rule"])

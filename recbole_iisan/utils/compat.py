@@ -12,12 +12,34 @@ We set the same aliases to the same types (``np.float`` -> ``np.float64``, which
 ``compatibility_settings`` do exactly that. pandas 3 is not shimmed: ``pandas<3`` is pinned
 (setup.py; docs/installation.md says why).
 
-RecBole 1.2.1 predates torch 2.6, whose ``torch.load`` defaults to ``weights_only=True``.
-RecBole's checkpoints pickle the whole ``Config`` (and with it the model class), so its own
-reloads (``Trainer.evaluate(load_best_model=True)``, ``resume_checkpoint``,
-``load_data_and_model``) fail with "Weights only load failed".  We give *only RecBole's
-modules* a ``torch`` whose ``load`` defaults to ``weights_only=False``; the global
-``torch.load`` is left untouched.
+RecBole 1.2.1 reads config strings with ``eval()`` (``Config._convert_config_dict``, applied to
+the command line and to ``config_dict``, where a Ray Tune trial's values arrive): a value such as
+``__import__("os").system(...)`` runs. :func:`_convert_config_dict` reads them as data instead
+(:func:`recbole_iisan.utils.values.literal_value`: Python literals, ``true``/``false``, anything
+else stays a string); the values RecBole users write (``2e-4``, ``[10,20]``, ``{'a': 1}``,
+``True``, ``None``, ``Hit@10``) convert as before.
+
+RecBole's ``KD_DAGFM`` builds its teacher network with ``eval(config["teacher"])``;
+:func:`_teacher_by_name` gives that module an ``eval`` that only looks a name up among the
+network classes the module defines (``DAGFM``, ``CrossNet``, ``CIN``): anything else is one line.
+RecBole's own ``HyperTuning`` (``eval`` of ``hyper.test`` choices) is not used by the plugin
+(``recbole_iisan.trainer.hyper_tuning`` reads them with ``ast.literal_eval``).
+
+RecBole's ``data_preparation`` loads ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth``
+(or ``dataloaders_save_path``) with ``pickle.load`` whenever that file exists, so a shared
+``saved/`` folder could run code. :func:`_load_split_dataloaders` never reads it: the split is
+rebuilt (as RecBole does when the file is absent), with a warning naming the file.
+
+Checkpoints: the plugin reads and writes its own (``recbole_iisan.trainer.checkpoint``: safetensors +
+JSON, never a pickle), so RecBole's ``torch.load`` call sites are not reached
+(``PluginTrainer.resume_checkpoint`` and ``PluginTrainer.evaluate`` replace them) and torch's
+``weights_only=True`` default is left in force for everything else.
+
+Known third-party warnings that a user cannot act on (:data:`QUIET_WARNINGS`: RecBole's pandas
+``fillna`` and ``GradScaler`` deprecations, numpy's ``__array_wrap__`` deprecation met in RecBole's
+``Interaction.sort``, ``torch.jit``'s deprecation in ``--export``) are filtered where they are raised
+(``warnings.filterwarnings`` with the module and the message); Ray's ``RayDeprecationWarning``
+by its category once Ray is imported (:func:`quiet_ray_warnings`). docs/robustness.md lists them.
 
 RecBole 1.2.1's DDP mode (``--nproc``) is CUDA-only: ``Config._init_device`` asserts one
 ``gpu_id`` per process, calls ``init_process_group(backend="nccl")`` and ``torch.cuda.set_device``,
@@ -40,7 +62,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import types
 from typing import Any, Iterator
 
 import torch
@@ -97,20 +118,75 @@ def _compatibility_settings(self) -> None:
     _numpy_aliases()
 
 
-class _TorchWithTrustedLoad(types.ModuleType):
-    """A stand-in for the ``torch`` module that forwards everything to torch, except that
-    ``load`` defaults to ``weights_only=False`` (RecBole checkpoints are our own files)."""
+def _convert_config_dict(self, config_dict: dict) -> dict:
+    """``Config._convert_config_dict`` without ``eval``: each string value read as data."""
+    from recbole_iisan.utils.values import literal_value
 
-    def __init__(self) -> None:
-        super().__init__("torch")
+    for key, value in config_dict.items():
+        if isinstance(value, str):
+            config_dict[key] = literal_value(value)
+    return config_dict
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
 
-    @staticmethod
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("weights_only", False)
-        return torch.load(*args, **kwargs)
+def _teacher_by_name(module):
+    """``eval`` for RecBole's ``kd_dagfm`` module: a class name of that module, nothing else."""
+
+    def lookup(text: Any, *args: Any) -> Any:
+        names = sorted(n for n, v in vars(module).items()
+                       if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == module.__name__
+                       and n != "KD_DAGFM")
+        if not isinstance(text, str) or text.strip() not in names:
+            raise UserError(f"config key 'teacher' must be one of {names}, got {text!r}")
+        return vars(module)[text.strip()]
+
+    lookup.__wrapped__ = eval  # type: ignore[attr-defined]
+    return lookup
+
+
+def _load_split_dataloaders(config: Any) -> None:
+    """RecBole's ``load_split_dataloaders`` without ``pickle.load``: always None (the split is built
+    from the dataset); a saved dataloader file that is there is named and left unread."""
+    path = config["dataloaders_save_path"] or os.path.join(
+        config["checkpoint_dir"], f'{config["dataset"]}-for-{config["model"]}-dataloader.pth')
+    if os.path.isfile(path):
+        import logging
+
+        logging.getLogger().warning(f"{path} is not read: RecBole's saved dataloaders are a pickle, which can run "
+                                    f"code when loaded; the split is rebuilt from the dataset (delete the file "
+                                    f"to silence this)")
+    return None
+
+
+#: (category, module regex, message regex) of the third-party warnings filtered at import
+QUIET_WARNINGS = (
+    # pandas 2.3 on RecBole's chained df[col].fillna(..., inplace=True) (Dataset._fill_nan / _load_feat)
+    (FutureWarning, r"recbole\.data\.dataset\.dataset",
+     r"A value is trying to be set on a copy of a DataFrame or Series through chained assignment"),
+    # torch on RecBole's Trainer.__init__: amp.GradScaler(enabled=...) (a no-op on CPU)
+    (FutureWarning, r"recbole\.trainer\.trainer", r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated"),
+    # numpy 2 on np.argsort(<torch tensor>) in RecBole's Interaction.sort
+    (DeprecationWarning, r"numpy\._core\.fromnumeric", r"__array_wrap__ must accept context and return_scalar"),
+    # torch >= 2.10 on TorchScript, which --export writes (torch.jit.script / trace / save / load)
+    (DeprecationWarning, r"torch\.jit\.", r"`torch\.jit\.\w+` is deprecated"),
+)
+
+
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    for category, module, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def quiet_ray_warnings() -> None:
+    """Ray's notes on its own deprecated API (its ``RayDeprecationWarning``, raised in Ray's modules
+    or attributed to the plugin's call): filtered once Ray is imported (``trainer.hyper_tuning``),
+    so that importing the plugin never imports Ray."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"(ray|recbole_iisan)\.")
 
 
 def _cuda_ddp(config_dict: dict) -> bool:
@@ -233,14 +309,21 @@ def apply() -> None:
     if Config.compatibility_settings is not _compatibility_settings:
         _compatibility_settings.__wrapped__ = Config.compatibility_settings  # type: ignore[attr-defined]
         Config.compatibility_settings = _compatibility_settings
-    # Ray workers re-import RecBole in fresh processes; the env var reaches them too.
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    import recbole.quick_start.quick_start as rb_quick_start
+    # config strings read as data, never eval()'d
+    if Config._convert_config_dict is not _convert_config_dict:
+        _convert_config_dict.__wrapped__ = Config._convert_config_dict  # type: ignore[attr-defined]
+        Config._convert_config_dict = _convert_config_dict
+    import recbole.data.utils as rb_data_utils
     import recbole.trainer.trainer as rb_trainer
 
-    proxy = _TorchWithTrustedLoad()
-    for module in (rb_trainer, rb_quick_start):
-        module.torch = proxy  # type: ignore[attr-defined]
+    if rb_data_utils.load_split_dataloaders is not _load_split_dataloaders:
+        _load_split_dataloaders.__wrapped__ = rb_data_utils.load_split_dataloaders  # type: ignore[attr-defined]
+        rb_data_utils.load_split_dataloaders = _load_split_dataloaders
+    import recbole.model.context_aware_recommender.kd_dagfm as kd_dagfm
+
+    if not hasattr(vars(kd_dagfm).get("eval"), "__wrapped__"):
+        kd_dagfm.eval = _teacher_by_name(kd_dagfm)
+    _quiet_known_warnings()
     # DDP on CPU (gloo): see the module docstring
     if not hasattr(Config._init_device, "__wrapped__"):
         Config._init_device = _init_device_cpu_ddp(Config._init_device)

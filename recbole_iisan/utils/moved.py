@@ -41,6 +41,16 @@ def install() -> None:
         sys.meta_path.insert(0, MovedModuleFinder())
 
 
+def moved_submodule(package: str, name: str) -> Exception:
+    """The error of ``from package import name`` for a moved submodule: the finder's
+    ``ModuleNotFoundError`` would be swallowed there and replaced by "cannot import name"."""
+    fullname = f"{package}.{name}"
+    if fullname in MOVED:
+        return ModuleNotFoundError(f"{fullname} moved to {MOVED[fullname]} in recbole-iisan 0.2: import it from there",
+                                   name=fullname)
+    return AttributeError(f"module {package!r} has no attribute {name!r}")
+
+
 def moved_attribute(module: str, name: str, where: dict[str, str]) -> Exception:
     """The error of ``module.name``: for a name that moved to ``where[name]`` an ``ImportError``
     naming its new home (an ``AttributeError`` would be replaced by Python's generic "cannot

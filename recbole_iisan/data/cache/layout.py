@@ -36,11 +36,15 @@ def read_manifest(cache_path: Path | str) -> dict[str, Any]:
     """The folder's ``manifest.json``; ``CacheError`` when it is absent or not JSON."""
     path = Path(cache_path) / MANIFEST
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        man = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CacheError(f"{path} does not exist: not a cache folder (run build_cache)") from None
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError too
         raise CacheError(f"{path} is not valid JSON ({exc}): delete the folder and rebuild") from None
+    if not isinstance(man, dict):
+        raise CacheError(f"{path} holds a JSON {type(man).__name__}, not the manifest's object: delete the "
+                         f"folder and rebuild")
+    return man
 
 
 def is_complete(cache_path: Path | str) -> bool:
