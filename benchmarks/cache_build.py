@@ -98,10 +98,18 @@ def _bare(args, spec, texts, layers, n) -> float:
     return time.perf_counter() - t0
 
 
+def _config(**overrides) -> dict:
+    """The plugin's defaults (``properties/overall.yaml``: the cache's keys) with ``overrides``."""
+    from recbole_iisan.config.checks import file_dicts
+    from recbole_iisan.config.configurator import PROPERTIES_DIR
+
+    return {**file_dicts([str(PROPERTIES_DIR / "overall.yaml")]), **overrides}
+
+
 def _build(args, spec, tokens, texts, layers, n, bare) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        config = {"cache_dir": tmp, "cache_dtype": "float16", "encoder_batch_size": args.batch_size,
-                  "cache_shards": args.shards}
+        config = _config(cache_dir=tmp, cache_dtype="float16", encoder_batch_size=args.batch_size,
+                         cache_shards=args.shards)
         marks: list[tuple[float, int]] = []
         t0 = time.perf_counter()
         folder = ensure_cache(config, spec, layers, tokens, texts,
@@ -202,8 +210,8 @@ def _images(args) -> None:
         states = {}
         for backend in ("pil", "torchvision"):
             spec = TowerSpec("image", "image", args.encoder, extra={"image_backend": backend})
-            config = {"cache_dir": str(Path(tmp) / backend), "cache_dtype": "float32",
-                      "encoder_batch_size": args.batch_size, "cache_shards": 1}
+            config = _config(cache_dir=str(Path(tmp) / backend), cache_dtype="float32",
+                             encoder_batch_size=args.batch_size, cache_shards=1)
             folder = ensure_cache(config, spec, layers, tokens, image_store=store)
             build = float(json.loads((folder / "manifest.json").read_text())["build_seconds"])
             states[backend], _ = load_states(folder, tokens, layers, dtype=torch.float32)

@@ -25,7 +25,7 @@ Every phase runs in a fresh subprocess and reports its own peak resident memory 
 * ``SASRec``: RecBole's SASRec on the same dataset and split, same measures.
 
 Results: ``<out>/scale.csv`` (one row per size and phase), ``<out>/scale.png`` (log-log) and the
-markdown table on stdout. A phase that fails or is killed (out of memory) is recorded with its
+markdown table, on stdout and in ``<out>/scale.md`` (which ``results/scale/README.md`` includes). A phase that fails or is killed (out of memory) is recorded with its
 exit code and the others go on.
 """
 from __future__ import annotations
@@ -427,6 +427,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     from recbole_iisan.utils.files import atomic_write_text
 
     atomic_write_text(out / "scale.csv", buf.getvalue())
+    atomic_write_text(out / "scale.md", markdown(rows) + "\n")  # the table the README includes
     try:
         plot(rows, out / "scale.png")
     except Exception as exc:  # noqa: BLE001  (the CSV is the result; the plot is a view of it)

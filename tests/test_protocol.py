@@ -396,6 +396,7 @@ def test_authors_user_encoder_equals_the_reference_written_from_their_code(env) 
         item_seq[b, :n] = torch.arange(1, n + 1)
     with torch.no_grad():
         out = net.encode_sequence(emb, item_seq)  # left-aligned
+        last = net.encode_last(emb, item_seq, torch.tensor(lens))  # evaluation: only the last position
     for b, n in enumerate(lens):
         window = torch.zeros(1, L, 16)
         window[0, L - n:] = emb[b, :n]  # the authors' right-aligned (left-padded) window
@@ -403,6 +404,7 @@ def test_authors_user_encoder_equals_the_reference_written_from_their_code(env) 
         real[0, L - n:] = True
         ref = _authors_encoder_reference(net, window, real)[0, L - n:]
         torch.testing.assert_close(out[b, :n].double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[b].double(), ref[-1], rtol=1e-5, atol=1e-5)
     # RecBole's protocol keeps RecBole's encoder
     _, _, _, net_rb, _ = _setup(env, "IISANVS")
     assert net_rb.user_encoder == "recbole"

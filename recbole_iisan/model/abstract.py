@@ -163,6 +163,18 @@ class SideNetworkRecommender(SequentialRecommender):
         position L-1, absolute positions), encoded, and the outputs moved back to the left-aligned
         layout (pad positions get zeros)."""
         B, L = item_seq.shape
+        x, real, shift, lens = self._right_aligned_input(seq_emb, item_seq)
+        with self._autocast():
+            out = self.trm_encoder(x, real).float()
+        ar = torch.arange(L, device=item_seq.device)[None, :]
+        back = (ar + shift).clamp_max(L - 1)  # left-aligned j <- right-aligned j + shift
+        left = out.gather(1, back[..., None].expand(-1, -1, out.size(-1)))
+        return left * (ar < lens[:, None])[..., None].to(left.dtype)
+
+    def _right_aligned_input(self, seq_emb: torch.Tensor, item_seq: torch.Tensor) -> tuple:
+        """``(x [B, L, d], real [B, L], shift [B, 1], lens [B])``: the authors' encoder input (position
+        embeddings, LayerNorm, dropout) of the sequences re-padded to the right end."""
+        L = item_seq.size(1)
         lens = (item_seq > 0).sum(dim=1)
         shift = (L - lens)[:, None]  # left pads of the right-aligned layout
         ar = torch.arange(L, device=item_seq.device)[None, :]
@@ -172,14 +184,21 @@ class SideNetworkRecommender(SequentialRecommender):
         right = right * real[..., None].to(right.dtype)
         with self._autocast():
             x = self.dropout(self.LayerNorm(right + self.position_embedding(ar)))
-            out = self.trm_encoder(x, real).float()
-        back = (ar + shift).clamp_max(L - 1)  # left-aligned j <- right-aligned j + shift
-        left = out.gather(1, back[..., None].expand(-1, -1, out.size(-1)))
-        return left * (ar < lens[:, None])[..., None].to(left.dtype)
+        return x, real, shift, lens
+
+    def encode_last(self, seq_emb: torch.Tensor, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """The user-encoder output at each sequence's last item, ``[B, d]`` (fp32): the query of
+        :meth:`forward` and the scores. In evaluation the authors' encoder computes only that position
+        in its last block (keys and values still read every position: the same values); in training,
+        and with RecBole's encoder, every position is computed and the last one gathered."""
+        if self.user_encoder != "authors" or self.training:
+            return self.gather_indexes(self.encode_sequence(seq_emb, item_seq), item_seq_len - 1)
+        x, real, _, _ = self._right_aligned_input(seq_emb, item_seq)
+        with self._autocast():
+            return self.trm_encoder(x, real, last_only=True)[:, -1].float()
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        out = self.encode_sequence(self._lookup(item_seq), item_seq)
-        return self.gather_indexes(out, item_seq_len - 1)  # [B, d]
+        return self.encode_last(self._lookup(item_seq), item_seq, item_seq_len)  # [B, d]
 
     # ------------------------------------------------------------------ items
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -213,12 +232,27 @@ class SideNetworkRecommender(SequentialRecommender):
         self._item_table_key = None
 
     def train(self, mode: bool = True):
-        self.invalidate_item_table()
+        # entering training frees the table; eval() keeps it: the key tells whether it is still valid,
+        # so a validation pass and the test pass after it share one table when nothing changed
+        if mode:
+            self.invalidate_item_table()
         return super().train(mode)
 
-    def load_state_dict(self, *args, **kwargs):
-        self.invalidate_item_table()
-        return super().load_state_dict(*args, **kwargs)
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """RecBole's; the item table survives loading the very parameters the model already holds (the
+        best epoch is the last one validated), and is dropped otherwise."""
+        same = self._item_table is not None and self._holds(state_dict)
+        out = super().load_state_dict(state_dict, *args, **kwargs)
+        if same:
+            self._item_table_key = self._table_key()
+        else:
+            self.invalidate_item_table()
+        return out
+
+    def _holds(self, state_dict) -> bool:
+        own = self.state_dict()
+        return own.keys() == state_dict.keys() and all(
+            torch.equal(own[k], v.to(own[k].device)) for k, v in state_dict.items() if torch.is_tensor(v))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -264,7 +298,7 @@ class SideNetworkRecommender(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         table = self.item_table()
-        seq_output = self.gather_indexes(self.encode_sequence(table[item_seq], item_seq), item_seq_len - 1)
+        seq_output = self.encode_last(table[item_seq], item_seq, item_seq_len)
         return seq_output @ table.t()
 
     # ------------------------------------------------------------------ optimiser, reporting

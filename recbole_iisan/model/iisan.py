@@ -15,6 +15,7 @@ The user encoder, loss, item table and optimiser groups are
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from recbole_iisan.utils.errors import PluginConfigError
@@ -91,12 +92,22 @@ class IISANBase(SideNetworkRecommender):
         return self.states.key()
 
     def item_embeddings(self, ids):
-        h_a, h_b = self.states(ids)
+        """``[M, d]`` for item ids ``ids [M]`` (or a ``slice`` of the ids, read from the cache in place)."""
         with self._autocast():
-            e = self.side(h_a, h_b)
+            if self.side.fused and hasattr(self.states, "rows_first") and not torch.is_autocast_enabled(self._device().type):
+                e = self.side(*self.states.rows_first(ids), rows_first_states=True)
+            else:
+                e = self.side(*self.states(ids))
         if self.id_embedding is not None:
-            return e.float() + self.id_embedding(ids) * self.id_seen[ids]
+            return e.float() + self.id_embedding.weight[ids] * self.id_seen[ids]
         return e.float()
+
+    def compute_item_table(self):
+        """Every item's embedding, ``tower_batch_size`` items per pass, read from the cache in place."""
+        n, step = self.n_items, self.tower_batch_size
+        if not hasattr(self.states, "rows_first"):
+            return super().compute_item_table()
+        return torch.cat([self.item_embeddings(slice(s, min(s + step, n))) for s in range(0, n, step)], dim=0)
 
     # ------------------------------------------------------------------ optimiser, reporting
     def item_side_groups(self):

@@ -22,6 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from recbole_iisan.model import fused
+from recbole_iisan.model.fused import SIDE_KERNELS, fold_head, rows_first, run_tower, towers_in_lockstep
 from recbole_iisan.utils.resources import trainable_parameters
 
 GATE_TEMPERATURE = 0.1
@@ -214,7 +216,7 @@ class SideNetworkConfig:
     """What a :class:`SideNetwork` is made of: the shapes of towers A's and B's states (``n_a``
     rows of width ``dim_a``; ``n_b`` x ``dim_b``) and the IISAN keys of ``properties/IISAN.yaml``
     (``embedding_size`` = d, ``sanb_size`` = r, ``inter_sanb_size`` (None: r),
-    ``sanb_activation``, ``head_type``, ``modality``, ``fusion``, ``frozen_backbone``)."""
+    ``sanb_activation``, ``head_type``, ``modality``, ``fusion``, ``frozen_backbone``, ``side_kernel``)."""
 
     dim_a: int
     n_a: int
@@ -228,10 +230,11 @@ class SideNetworkConfig:
     modality: str
     fusion: str
     frozen_backbone: bool
+    side_kernel: str = "fused"
 
     def __post_init__(self) -> None:
         for key, allowed in (("sanb_activation", ACTIVATIONS), ("head_type", HEAD_TYPES), ("modality", MODALITIES),
-                             ("fusion", FUSIONS)):
+                             ("fusion", FUSIONS), ("side_kernel", SIDE_KERNELS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: expected one of {allowed}, got {getattr(self, key)!r}")
 
@@ -244,7 +247,7 @@ class SideNetworkConfig:
                    inter_sanb_size=None if inter is None else int(inter),
                    sanb_activation=str(config["sanb_activation"]).lower(), head_type=str(config["head_type"]),
                    modality=str(config["modality"]), fusion=str(config["fusion"]),
-                   frozen_backbone=bool(config["frozen_backbone"]))
+                   frozen_backbone=bool(config["frozen_backbone"]), side_kernel=str(config["side_kernel"]))
 
 
 class SideNetwork(nn.Module):
@@ -288,8 +291,77 @@ class SideNetwork(nn.Module):
                 self.head_inter = make_inter_head(self.inter.dim, d)
                 n_parts += 1
         self.fusion = nn.Linear(n_parts * d, d)
+        self._folded, self._folded_key = None, None
 
-    def forward(self, h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:
+    @property
+    def fused(self) -> bool:
+        """Whether ``side_kernel: fused`` applies: SANB towers with ReLU (else the modules run; an inter
+        tower with DTLs runs as modules inside the fused path)."""
+        return self.config.side_kernel == "fused" and not self.frozen_backbone and self.config.sanb_activation == "relu"
+
+    def forward(self, h_a: torch.Tensor, h_b: torch.Tensor, rows_first_states: bool = False) -> torch.Tensor:
+        """``h_a [M, n_a, D_a]``, ``h_b [M, n_b, D_b]`` -> ``[M, d]``; with ``rows_first_states`` the
+        states come as ``[n, M, D]`` (views of the cache, any float dtype: :func:`.fused.rows_first`)."""
+        autocast = torch.is_autocast_enabled(h_a.device.type)
+        if self.fused and not autocast:
+            if not rows_first_states:
+                h_a, h_b = rows_first(h_a), rows_first(h_b)
+            return self._forward_fused(h_a, h_b)
+        if rows_first_states:
+            h_a, h_b = h_a.transpose(0, 1).float(), h_b.transpose(0, 1).float()
+        return self._forward_modules(h_a, h_b)
+
+    def _tower_parts(self, xa: torch.Tensor, xb: torch.Tensor) -> list[tuple]:
+        """``(kind, rows, rows of B or None, tower, head)`` in the fusion's order (B, A, inter)."""
+        parts = []
+        if self.intra_a is not None:
+            parts += [("intra", xb, None, self.intra_b, self.head_b), ("intra", xa, None, self.intra_a, self.head_a)]
+        if self.inter is not None:
+            n = self.inter.n_steps
+            parts.append(("inter", xa[xa.size(0) - n:], xb[xb.size(0) - n:], self.inter, self.head_inter))
+        return parts
+
+    def _fold(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each tower's head and fusion block as one ``[d, D]`` matrix, and the summed bias."""
+        blocks = self.fusion.weight.split(self.config.embedding_size, dim=1)
+        heads = [h for h in (self.head_b, self.head_a) if self.intra_a is not None] + \
+            ([self.head_inter] if self.inter is not None else [])
+        folded = [fold_head(h, f) for h, f in zip(heads, blocks)]
+        return [e for e, _ in folded], self.fusion.bias + sum(c for _, c in folded)
+
+    def train(self, mode: bool = True):
+        if mode:  # as the item table: entering training drops the folded heads
+            self._folded, self._folded_key = None, None
+        return super().train(mode)
+
+    def folded(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`_fold`, kept while the parameters do not change when no gradient is taken (the
+        item table's chunks share it)."""
+        if torch.is_grad_enabled():
+            return self._fold()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._folded_key != key:
+            self._folded, self._folded_key = self._fold(), key
+        return self._folded
+
+    def _forward_fused(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        outs, bias = self.folded()
+        if fused.LOCKSTEP and not torch.is_grad_enabled() and xa.size(0) == xb.size(0) and (self.inter is None or self.inter.dtls is None):
+            specs = [(kind, "ab" if x2 is not None else ("a" if x1 is xa else "b"),
+                      tower.gates() if tower.gates is not None else None, tower.blocks, e)
+                     for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs)]
+            return towers_in_lockstep(specs, xa, xb, bias)
+        y = None
+        for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs):
+            if kind == "inter" and tower.dtls is not None:  # widths differ: the DTLs' inputs need gradients
+                part = tower(xa.transpose(0, 1).to(e.dtype), xb.transpose(0, 1).to(e.dtype)) @ e.t()
+            else:
+                g = tower.gates() if tower.gates is not None else None
+                part = run_tower(kind, x1, x2, g, tower.blocks, e)
+            y = part if y is None else y + part
+        return y + bias
+
+    def _forward_modules(self, h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:
         if self.frozen_backbone:
             parts = [self.head_b(h_b[:, -1]), self.head_a(h_a[:, -1])]
         else:

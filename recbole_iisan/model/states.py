@@ -77,6 +77,12 @@ class CachedStates(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.states_a[ids].float(), self.states_b[ids].float()
 
+    def rows_first(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_a, M, D_a], [n_b, M, D_b])`` in the cache's dtype, rows first (views of the gathered
+        ``[M, n, D]``; the fused side network converts a row to fp32 as it reads it). ``ids``: item ids,
+        or a ``slice`` of them (no gather: the item table reads the cache in place)."""
+        return self.states_a[ids].transpose(0, 1), self.states_b[ids].transpose(0, 1)
+
     def key(self) -> tuple:
         return (self.states_a.data_ptr(), self.states_b.data_ptr())
 

@@ -57,22 +57,32 @@ class AuthorsTransformer(nn.Module):
         self.attn_dropout = nn.Dropout(attn_dropout_prob)
         self.dropout = nn.Dropout(hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, real: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``[B, L, d]``; with ``last_only`` ``[B, 1, d]``: the last block computes only position L-1
+        (its query, attention row, residuals and FFN; keys and values over every position)."""
         B, L, d = x.shape
-        h = self.n_heads
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         allowed = causal[None, :, :] & real[:, None, :]  # [B, Lq, Lk]
         bias = torch.zeros(B, 1, L, L, dtype=x.dtype, device=x.device).masked_fill(~allowed[:, None], -1e9)
-        for blk in self.blocks:
-            def heads(t):
-                return t.view(B, L, h, d // h).transpose(1, 2)  # [B, h, L, dk]
-            q, k, v = heads(blk["q"](x)), heads(blk["k"](x)), heads(blk["v"](x))
-            att = (q @ k.transpose(-1, -2)) / (d // h) ** 0.5 + bias
-            att = self.attn_dropout(torch.softmax(att, dim=-1))
-            ctx = (att @ v).transpose(1, 2).reshape(B, L, d)
-            x = blk["attn_norm"](x + self.dropout(blk["o"](ctx)))
-            x = blk["ffn_norm"](x + self.dropout(blk["ffn_out"](torch.relu(blk["ffn_in"](x)))))
+        for i, blk in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = self._block(blk, x, bias[:, :, -1:] if last else bias, x[:, -1:] if last else x)
         return x
+
+    def _block(self, blk: nn.ModuleDict, x: torch.Tensor, bias: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """One block over keys/values ``x [B, L, d]`` for the positions ``query [B, Lq, d]`` (``bias``
+        ``[B, 1, Lq, L]``) -> ``[B, Lq, d]``."""
+        B, L, d = x.shape
+        h, lq = self.n_heads, query.size(1)
+
+        def heads(t, n):
+            return t.view(B, n, h, d // h).transpose(1, 2)  # [B, h, n, dk]
+        q, k, v = heads(blk["q"](query), lq), heads(blk["k"](x), L), heads(blk["v"](x), L)
+        att = (q @ k.transpose(-1, -2)) / (d // h) ** 0.5 + bias
+        att = self.attn_dropout(torch.softmax(att, dim=-1))
+        ctx = (att @ v).transpose(1, 2).reshape(B, lq, d)
+        y = blk["attn_norm"](query + self.dropout(blk["o"](ctx)))
+        return blk["ffn_norm"](y + self.dropout(blk["ffn_out"](torch.relu(blk["ffn_in"](y)))))
 
 
 def build_transformer(kind: str, config: Any, hidden_size: int) -> nn.Module:
