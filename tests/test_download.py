@@ -252,13 +252,20 @@ def test_interrupted_download_resumes_byte_wise_with_range_requests(server, tmp_
     assert leftovers(dest, hashes) == []
 
 
-def test_server_ignoring_the_range_restarts_the_file_cleanly(server, tmp_path):
+def _left_part(server, tmp_path, part):
+    """The Toy dataset served, and a ``.part`` of the users file left by an earlier transfer
+    (``part(full_bytes)``): ``(base url, server, hashes, full bytes, destination)``."""
     base, root, httpd = server
     hashes = write_raw(root / "Toy")
     full = (root / "Toy" / USERS).read_bytes()
     dest = tmp_path / "raw"
     dest.mkdir()
-    (dest / f"{USERS}.part").write_bytes(full[:100])
+    (dest / f"{USERS}.part").write_bytes(part(full))
+    return base, httpd, hashes, full, dest
+
+
+def test_server_ignoring_the_range_restarts_the_file_cleanly(server, tmp_path):
+    base, httpd, hashes, full, dest = _left_part(server, tmp_path, lambda full: full[:100])
     httpd.ignore_range = True  # answers the range request with 200 and the whole file
     dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=0)
     assert (dest / USERS).read_bytes() == full  # not the 100 bytes followed by the whole file
@@ -267,12 +274,9 @@ def test_server_ignoring_the_range_restarts_the_file_cleanly(server, tmp_path):
 
 
 def test_resumed_file_failing_its_checksum_is_fetched_again_from_zero(server, tmp_path):
-    base, root, httpd = server
-    hashes = write_raw(root / "Toy")
-    full = (root / "Toy" / USERS).read_bytes()
-    dest = tmp_path / "raw"
-    dest.mkdir()
-    (dest / f"{USERS}.part").write_bytes(b"x" * 100)  # a .part of another version of the file
+    # a .part of another version of the file
+    base, httpd, hashes, full, dest = _left_part(server, tmp_path, lambda full: b"x" * 100)
+    root = server[1]
     dl.fetch_raw_dataset("Toy", dest, base_url=base, files=hashes, progress=False, retries=0)
     assert (dest / USERS).read_bytes() == full
     assert [r for p, r in httpd.requests if p == f"/Toy/{USERS}"] == ["bytes=100-", None]
