@@ -198,6 +198,24 @@ def test_two_runs_with_other_users_are_not_paired(tmp_path: Path, capsys) -> Non
     assert err.count("\n") == 0 and "other test users" in err
 
 
+def test_an_unfinished_comparison_renders_what_ran_and_names_what_did_not(tmp_path: Path, capsys) -> None:
+    """Only the baseline has results (the others still running): its row, no paired test, and the
+    models of comparison.json without a result named."""
+    from recbole_iisan.quick_start import results as report
+    from recbole_iisan.evaluator import per_user
+
+    (tmp_path / "comparison.json").write_text(json.dumps({"models": ["A", "B", "C"], "protocol": "RecBole protocol"}))
+    for seed, hit in ((1, [1.0, 0.0, 1.0]), (2, [1.0, 0.0, 0.0])):
+        per_user.write(tmp_path / f"A-seed{seed}.users.csv", ["u1", "u2", "u3"], {"hit@10": np.array(hit)})
+        (tmp_path / f"A-seed{seed}.json").write_text(json.dumps({
+            "model": "A", "seed": seed, "valid_metric": "Hit@10", "metrics": ["Hit"], "topk": [10],
+            "test_result": {"hit@10": sum(hit) / 3}, "per_user_file": f"A-seed{seed}.users.csv", "peak_memory": {}}))
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| A " in out and "0.5000 ± 0.2357" in out  # mean and sample std of 2/3 and 1/3
+    assert "no paired test" in out and "No result yet for B, C" in out
+
+
 def test_seeds_flag_errors_are_one_line(capsys) -> None:
     for bad in ("--seeds=1,x", "--seeds=1,1", "--seeds=,"):
         assert cli.main(["--model=SASRec", "--dataset=ml-100k", bad]) == EXIT_USER_ERROR

@@ -212,7 +212,7 @@ def summarize(folder: PathLike, baseline: Optional[str] = None, settings: Option
         rows.append(row)
     targets = {m: row["train_targets"] for m, row in zip(by_model, rows)}
     return {"rows": rows, "metric": metric, "baseline": order[0], "keys": keys, "settings": settings,
-            "n_users": stats[0].n_users if stats else None, "equal_targets": len({tuple(v) for v in targets.values()}) == 1,
+            "n_users": len(users), "equal_targets": len({tuple(v) for v in targets.values()}) == 1,
             "targets": targets, "manifest": manifest}
 
 
@@ -262,8 +262,11 @@ def render(summary: dict) -> str:
             f"over the {_plural(len(summary['rows']) - 1, 'model')} compared with {base}; better / worse: the interval excludes 0 "
             f"and p < {1 - float(summary['settings']['confidence_level']):.2g}, else no significant difference. best epoch: per seed; "
             f"{CAP_MARK}n: n runs still improving at their epoch cap (best epoch within stopping_step of it).")
-    if summary["n_users"] is None:
+    if len(summary["rows"]) == 1:
         note = note.split(" Δ:")[0] + " (one model: no paired test)."
+    waiting = [m for m in summary["manifest"].get("models", []) if m not in {row["model"] for row in summary["rows"]}]
+    if waiting:
+        note += f" No result yet for {', '.join(waiting)} (the comparison is not finished)."
     return markdown_table(out_rows, columns) + "\n\n" + note
 
 
