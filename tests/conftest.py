@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import random
 from pathlib import Path
 
@@ -101,6 +102,22 @@ def tiny_data(tmp_path: Path) -> Path:
     """data_path (parent folder) holding the dataset 'tiny'."""
     write_tiny_dataset(tmp_path)
     return tmp_path
+
+
+def trials_table(out: str) -> list[str]:
+    """The plugin's table of trials in a search's printed output: its header (``| trial  | ...``)
+    and the rows after it. Ray Tune's own progress tables also start with ``| `` and appear
+    whenever a trial outlasts Ray's report interval, so they are not counted."""
+    lines = out.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"\| trial +\|", line)]
+    if not starts:
+        return []
+    table = []
+    for line in lines[starts[-1]:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return [table[0]] + [l for l in table[1:] if not set(l) <= set("|-: ")]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

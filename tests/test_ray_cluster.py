@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import trials_table
 
 from test_tuning import _tiny_dataset, _write
 
@@ -65,7 +66,7 @@ def test_search_on_a_two_node_cluster(tmp_path, two_node_cluster, monkeypatch, c
     assert len(nodes) == 2 and ray.cluster_resources().get("CPU") == 2
     ray.shutdown()
 
-    table = [l for l in out.splitlines() if l.startswith("| ")]
+    table = trials_table(out)
     assert len(table) == 1 + 2 and all("completed" in l for l in table[1:]), out
     exp = shared / "c"
     assert (exp / "best_config.yaml").is_file() and (exp / "trials.csv").is_file()

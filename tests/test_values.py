@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import recbole_iisan  # noqa: F401  (applies the compat shims)
-from conftest import write_tiny_dataset
+from conftest import write_tiny_dataset, trials_table
 from recbole_iisan.utils.values import literal_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_a_payload_in_a_ray_trial_runs_nothing(tmp_path):
                 "--epochs=1", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert not marker.exists()
-    trials = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "completed" in line]
+    trials = [line for line in trials_table(proc.stdout)[1:] if "completed" in line]
     assert len(trials) == 1, proc.stdout[-3000:]
     results = list((tmp_path / "ray" / "p").glob("*/recbole_result.json"))
     assert results and json.loads(results[0].read_text())["test_result"]
