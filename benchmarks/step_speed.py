@@ -422,8 +422,12 @@ def _compile_time(model, batch) -> str:
 def _header(a, t_compile: str) -> str:
     import platform
 
+    args = [("--authors_code AUTHORS_CLONE" if x.startswith("--authors_code") else x) for x in sys.argv[1:]]
+    if "--authors_code" in sys.argv[1:]:  # the form with a space: its value is the next argument
+        i = sys.argv[1:].index("--authors_code")
+        args = sys.argv[1:i + 1] + ["--authors_code AUTHORS_CLONE"] + sys.argv[i + 3:]
     cmd = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute() else sys.argv[0]] +
-                               sys.argv[1:])
+                               args)
     load = os.getloadavg()
     peak32 = lev.matmul_peak()
     peak16 = lev.matmul_peak(dtype=torch.bfloat16)
@@ -436,8 +440,10 @@ def _header(a, t_compile: str) -> str:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores.",
         f"Peak of a 2048^3 matmul on this thread: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s. {t_compile}.",
-        "GFLOP/s: the side network's FLOPs (forward; x3 for a training step) per CPU second of the whole step "
-        "(the user encoder, loss and optimizer are not counted)."])
+        "GFLOP/s: the side network's FLOPs as the SANBs are written (two D x r matmuls per step and item; "
+        "forward, x3 for a training step) per CPU second of the whole step (the user encoder, loss and optimizer "
+        "are not counted); the fused kernel does less arithmetic than that (no up-projections), so its figure is "
+        "an effective rate, not the machine's."])
 
 
 if __name__ == "__main__":

@@ -138,6 +138,20 @@ def test_fused_side_network_is_the_same_math_in_fp64(case, monkeypatch):
         assert rel(ref_grads[name], grads[name]) < 1e-10, name
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_the_item_table_path_matches_the_reference(case, lockstep, monkeypatch):
+    """Without gradients (the item table) the towers run step by step together or one by one."""
+    monkeypatch.setattr(fused, "LOCKSTEP", lockstep)
+    monkeypatch.setattr(fused, "CHUNK", 64)
+    side = make_side(**CASES[case])
+    h_a, h_b = states(side, 150)
+    with torch.no_grad():
+        ref = reference_side(side, h_a, h_b)
+        out = side(h_a, h_b)
+    assert rel(ref, out) < 1e-5
+
+
 def test_no_grad_path_equals_the_training_path():
     side = make_side()
     h_a, h_b = states(side, 200)

@@ -32,10 +32,11 @@ PINNED_SASREC = {
     "test": {"hit@10": 0.416666666667, "ndcg@10": 0.201282156079},
 }
 
-#: IISANVS over two tiny BERTs, 2 epochs: training loss per epoch, and the test metrics
+#: IISANVS over two tiny BERTs, 2 epochs: training loss per epoch, and the test metrics (re-measured
+#: for the fused kernel without up-projections: the losses moved by ~5e-7, one test user's rank by one)
 PINNED_IISANVS = {
-    "train_loss": [22.967713832855225, 22.967544555664062],
-    "test": {"hit@10": 0.366666666667, "ndcg@10": 0.199279064543},
+    "train_loss": [22.967714309692383, 22.96754503250122],
+    "test": {"hit@10": 0.366666666667, "ndcg@10": 0.197096901984},
 }
 
 COMMON = {

@@ -1,23 +1,27 @@
-"""The side network's towers with a hand-written backward: the same math as :mod:`.layers`, fewer
-passes over memory (``side_kernel: fused``, the default; ``modules`` runs the ``nn.Module`` path).
+"""The side network's towers with a hand-written backward: the same function as :mod:`.layers`, less
+work (``side_kernel: fused``, the default; ``modules`` runs the ``nn.Module`` path).
 
-What is the same: every SANB ``z = u + W_up relu(W_down u + b_down) + b_up`` of every step, the
-gated (or added) inputs, the heads and the fusion, in fp32. What differs is only the rounding order
-(the results agree with the module path to ~1e-6 relative, ``tests/test_fused.py``):
+What is the same: every SANB ``z = u + W_up relu(W_down u + b_down) + b_up`` of every step (IISAN,
+Fu et al., SIGIR 2024, arXiv:2404.11007, Sec. 3.2-3.3), the gated (or added) inputs, the heads and
+the fusion, in fp32. What differs is the order of the arithmetic (the results agree with the module
+path to ~1e-6 relative, and to 1e-10 in fp64: ``tests/test_fused.py``):
 
 - the two Linears of a head and the tower's block of the fusion Linear have no nonlinearity between
   them, so they are one ``[d, D]`` matrix ``E_t = F_t W2_t W1_t`` (plus a constant bias): an item
-  costs ``D * d`` per head instead of ``D * D + D * d`` (the heads were ~40% of a training step);
-- a tower reads its states rows-first (``[n_rows, M, D]``: views of the cache, no gather for the item
-  table), each row converted to fp32 into one scratch buffer as it is needed (:class:`Rows`);
-- the gated input is one ``lerp`` (``g h + (1 - g) z``), the residual is the up-projection's
-  accumulator (``addmm_`` into the buffer that holds ``u + b_up``);
-- the backward (:class:`TowerFunction`) runs each step's four matmuls with the gradient buffer
-  updated in place, recomputes ``u`` instead of keeping it, and takes the gate gradients as dot
-  products, instead of autograd's per-op buffers;
-- without gradients (the evaluation's item table) each step is one in-place ``lerp_`` and two
-  matmuls, the towers step together (:func:`towers_in_lockstep`) and the last up-projection is
-  folded into the head.
+  costs ``D * d`` per head instead of ``D * D + D * d``;
+- for the same reason the up-projections are never formed: what a SANB adds to the state
+  (``W_up a + b_up``) only ever meets a later down-projection or ``E``, so a tower carries the
+  states' own part ``H_j`` (the gated inputs, ``D`` wide) and the ``r``-wide activations ``a_k``,
+  which reach step ``j`` through ``[r, r]`` products ``W_down_j W_up_k`` (:func:`adapter_terms`,
+  computed once per call, not per item). Per step and item that is one ``D x r`` matmul in the
+  forward and two in the backward instead of two and four (:class:`TowerFunction`);
+- a tower reads its states rows-first (``[n_rows, M, D]``): a training step gathers its items' rows
+  once into contiguous fp32 (:func:`.states.gather_rows_first`), the item table reads the cache in
+  place and converts each row to fp32 into one scratch buffer as it is needed (:class:`Rows`);
+- the backward keeps the weight gradients as accumulators over item chunks and takes the gate
+  gradients as dot products, instead of autograd's per-op buffers;
+- without gradients (the evaluation's item table) the towers step together
+  (:func:`towers_in_lockstep`), so a row of the cache is converted once for all the towers that read it.
 """
 from __future__ import annotations
 
@@ -50,24 +54,18 @@ class Rows:
 
 
 class Tower:
-    """A tower's weights for one call (per step ``w_down [r, D], b_down [r], w_up [D, r], b_up [D]``),
-    its gates and ``1 - g`` as 0-dim tensors; ``kind``: ``intra`` (``u = g h + (1 - g) z``, ``add``:
-    ``h + z``) or ``inter`` (``u = z + g xb + (1 - g) xa``, ``add``: ``z + xb + xa``)."""
+    """A tower's step inputs for one call: ``kind`` ``intra`` (``u = g h + (1 - g) z``, ``add``:
+    ``h + z``) or ``inter`` (``u = z + g xb + (1 - g) xa``, ``add``: ``z + xb + xa``), its ``n`` gates
+    as 0-dim tensors and ``1 - g`` as floats."""
 
-    def __init__(self, kind: str, g: Optional[torch.Tensor], weights: Sequence[torch.Tensor]):
-        self.kind, self.n = kind, len(weights) // 4
-        self.weights = list(weights)
-        self.dtype = self.weights[0].dtype
-        self.w_down, self.b_down, self.w_up, self.b_up = (self.weights[i::4] for i in range(4))
-        self.down_t = [w.t() for w in self.w_down]
-        self.up_t = [w.t() for w in self.w_up]
+    def __init__(self, kind: str, g: Optional[torch.Tensor], n: int):
+        self.kind, self.n = kind, n
         self.g = g.unbind() if g is not None else None
-        self.keep = (1.0 - g).unbind() if g is not None else None
+        self.keep = (1.0 - g).tolist() if g is not None else None  # 1 - g_j as floats (addmm's beta)
 
     def step_input(self, xa, xb, j: int, z: Optional[torch.Tensor], out: torch.Tensor, mix=None) -> torch.Tensor:
-        """``u_j`` into ``out`` (which may be ``z``: in place; then ``inter`` needs a ``mix`` buffer);
-        ``xa``, ``xb``: the rows (:class:`Rows`). The forward and the backward's recomputation call it
-        alike: the backward sees the very bits the forward used."""
+        """``H_j`` (:class:`TowerFunction`) into ``out`` (which may be ``z``, the previous one: in place;
+        then ``inter`` needs a ``mix`` buffer); ``xa``, ``xb``: the rows (:class:`Rows`)."""
         g = self.g[j] if self.g is not None else None
         if self.kind == "intra":
             h = xa[j]
@@ -81,66 +79,161 @@ class Tower:
             return buf
         return out.add_(buf) if out is z else buf.add_(z)
 
-    def sanb(self, j: int, u: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a, z)``: ``a = relu(u W_down^T + b_down)``, ``z = u + b_up + a W_up^T`` written into
-        ``out`` (which may be ``u``: in place)."""
-        a = torch.addmm(self.b_down[j], u, self.down_t[j]).clamp_min_(0.0)
-        z = u.add_(self.b_up[j]) if out is u else torch.add(u, self.b_up[j], out=out)
-        return a, z.addmm_(a, self.up_t[j])
 
+def adapter_terms(kind: str, g: Optional[torch.Tensor], blocks, out_w: torch.Tensor) -> dict:
+    """The weights-only quantities of :class:`TowerFunction` (their cost does not grow with the
+    number of items; computed with autograd where gradients are taken): per step ``j`` the
+    ``[j r, r]`` matrix ``K_j`` (the earlier steps' adapter outputs as step ``j``'s down-projection
+    sees them) and the bias ``s_j [r]``; the ``[n r, d]`` matrix ``O`` and the bias ``s_out [d]`` of
+    the output ``z_n @ E.T``.
 
-def tower_forward(tw: Tower, xa: torch.Tensor, xb: Optional[torch.Tensor], keep: bool):
-    """The tower's steps over ``c`` items (states ``[n, c, D]``). Returns the last state ``z [c, D]``
-    and, with ``keep``, each step's bottleneck ``a`` and state ``z`` for the backward (``[n, c, D]``),
-    which recomputes ``u``. Without ``keep`` one buffer holds ``u`` and ``z`` in turn (in place)."""
-    n, c, dim = xa.shape
-    xs, xbs = Rows(xa, tw.dtype), Rows(xb, tw.dtype) if xb is not None else None
-    new = dict(dtype=tw.dtype, device=xa.device)
-    states = torch.empty(n, c, dim, **new) if keep else None
-    z_l = states.unbind(0) if keep else None
-    u = torch.empty(c, dim, **new)
-    mix = torch.empty(c, dim, **new) if tw.kind == "inter" and not keep else None
-    z, acts = None, []
-    for j in range(n):
-        tw.step_input(xs, xbs, j, z, out=u if keep or z is None else z, mix=mix)
-        a, z = tw.sanb(j, u if keep or j == 0 else z, out=z_l[j] if keep else (u if j == 0 else z))
-        acts.append(a)
-    return z, (acts, states)
+    With ``beta_j`` the weight of ``z_{j-1}`` in ``u_j`` (``1 - g_j``; 1 without gates and in the
+    inter tower) and ``c_jk = beta_{k+1} ... beta_j``:
+    ``K_j = [c_jk (W_down_j W_up_k)^T]_{k<j}``, ``s_j = b_down_j + sum_{k<j} c_jk W_down_j b_up_k``,
+    ``O = [c_nk (E W_up_k)^T]_k``, ``s_out = sum_k c_nk E b_up_k`` (``c_nk = beta_{k+1} ... beta_{n-1}``)."""
+    n, r = len(blocks), blocks[0].down.weight.size(0)
+    beta = (1.0 - g) if (kind == "intra" and g is not None) else None
+    b_up = torch.stack([b.up.bias for b in blocks])  # [n, D]
+    coefs: list = [None]  # coefs[j]: c_jk for k < j (None: all 1); coefs[n]: the output's
+    for j in range(1, n + 1):
+        if beta is None:
+            coefs.append(None)
+            continue
+        c = torch.cat([coefs[j - 1] if coefs[j - 1] is not None else beta.new_ones(0), beta.new_ones(1)])
+        coefs.append(c * beta[j] if j < n else c)
+    ks, ss = [], []
+    for j, block in enumerate(blocks):
+        w = block.down.weight
+        if j == 0:
+            ks.append(w.new_empty(0, r))
+            ss.append(block.down.bias)
+            continue
+        # a cat per step, not a slice of one: a slice's backward writes a zero-filled [n r, D] each time
+        k = (torch.cat([b.up.weight.t() for b in blocks[:j]]) @ w.t()).view(j, r, r)
+        q = b_up[:j] @ w.t()  # [j, r]
+        if coefs[j] is not None:
+            k, q = k * coefs[j].view(j, 1, 1), q * coefs[j].view(j, 1)
+        ks.append(k.reshape(j * r, r))
+        ss.append(block.down.bias + q.sum(0))
+    o = (torch.cat([b.up.weight.t() for b in blocks]) @ out_w.t()).view(n, r, -1)
+    q_out = b_up @ out_w.t()  # [n, d]
+    if coefs[n] is not None:
+        o, q_out = o * coefs[n].view(n, 1, 1), q_out * coefs[n].view(n, 1)
+    return {"K": ks, "s": ss, "O": o.reshape(n * r, -1), "s_out": q_out.sum(0)}
 
 
 class TowerFunction(torch.autograd.Function):
-    """``y = tower(x) @ E.T`` with the tower's backward written out (gradients of the weights, the
-    gates and ``E``; the states ``x`` are constants). Items go through in chunks of ``chunk`` rows
-    so that a step's buffers stay in the core's cache; the weight gradients accumulate over chunks."""
+    """``y = z_n @ E.T`` of a tower (without ``s_out``), written as its two parts: the inputs' part
+    ``H_j = u_j`` without the adapters (``H_j = g_j h_j + (1 - g_j) H_{j-1}``, or ``h_j + H_{j-1}``;
+    inter ``lerp(xa_j, xb_j, g_j) + H_{j-1}``), ``[c, D]``, and the adapters' part, which only ever
+    meets a down-projection or ``E`` (everything after an up-projection is linear until the next
+    down-projection), so it is carried as the ``r``-wide activations ``a_k`` through the
+    ``[r, r]`` products of :func:`adapter_terms`:
+
+        pre_j = H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j,   a_j = relu(pre_j)
+        y     = H_n E^T + [a_0 .. a_{n-1}] O
+
+    Per step and item that is one ``D x r`` matmul in the forward and two in the backward, where
+    the SANB as written (``z = u + W_up a``) costs two and four: the up-projections into ``D`` are
+    never formed. Items go through in chunks of ``chunk`` rows so that a step's buffers stay in the
+    core's cache; the weight gradients accumulate over chunks."""
 
     @staticmethod
-    def forward(ctx, kind, chunk, xa, xb, g, out_w, *weights):
-        tw, m = Tower(kind, g, weights), xa.size(1)
+    def forward(ctx, kind, chunk, xa, xb, g, out_w, o_mat, *flat):
+        n = len(flat) // 3
+        tw = Tower(kind, g, n)
+        downs, ss, ks = flat[0::3], flat[1::3], flat[2::3]
+        m, r = xa.size(1), downs[0].size(0)
         y = out_w.new_empty(m, out_w.size(0))
         saved = []
         for s in range(0, m, chunk):
-            z, (acts, states) = tower_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
-                                              keep=True)
-            torch.mm(z, out_w.t(), out=y[s:s + chunk])
-            saved += acts + [states]
-        ctx.tower, ctx.chunk = tw, chunk
-        ctx.save_for_backward(xa, xb, out_w, *saved)
+            h_l, acts = _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
+                                       downs, ss, ks, r, out_w.dtype)
+            torch.mm(h_l[-1], out_w.t(), out=y[s:s + chunk])
+            y[s:s + chunk].addmm_(acts, o_mat)
+            saved += [h_l, acts]
+        ctx.tower, ctx.chunk, ctx.n = tw, chunk, n
+        ctx.save_for_backward(xa, xb, out_w, o_mat, *flat, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        tw, chunk = ctx.tower, ctx.chunk
-        xa, xb, out_w, *saved = ctx.saved_tensors
-        grads = [torch.empty_like(w) for w in tw.weights]
-        d_out = torch.empty_like(out_w)
-        dots, n = [], tw.n
+        tw, chunk, n = ctx.tower, ctx.chunk, ctx.n
+        xa, xb, out_w, o_mat, *rest = ctx.saved_tensors
+        flat, saved = rest[:3 * n], rest[3 * n:]
+        downs, ks = flat[0::3], flat[2::3]
+        d_downs = [torch.empty_like(w) for w in downs]
+        d_ss = [w.new_empty(w.size(0)) for w in downs]
+        d_ks = [torch.empty_like(k) for k in ks]
+        d_out, d_o = torch.empty_like(out_w), torch.empty_like(o_mat)
+        dots = []
         for c, s in enumerate(range(0, xa.size(1), chunk)):
-            acts, states = saved[(n + 1) * c: (n + 1) * c + n], saved[(n + 1) * c + n]
-            acc(c == 0, d_out, dy[s:s + chunk].t(), states[-1])
-            dots += _tower_backward(tw, dy[s:s + chunk] @ out_w, xa[:, s:s + chunk],
-                                    xb[:, s:s + chunk] if xb is not None else None, acts, states, grads, c == 0)
+            h_l, acts = saved[2 * c], saved[2 * c + 1]
+            dyc, first = dy[s:s + chunk], c == 0
+            acc(first, d_out, dyc.t(), h_l[-1])
+            acc(first, d_o, acts.t(), dyc)
+            dots += _chunk_backward(tw, dyc @ out_w, dyc @ o_mat.t(), xa[:, s:s + chunk],
+                                    xb[:, s:s + chunk] if xb is not None else None, h_l, acts, downs, ks,
+                                    d_downs, d_ss, d_ks, first)
         dg = _gate_grads(tw, dots) if tw.g is not None else None
-        return (None, None, None, None, dg, d_out, *grads)
+        grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
+        return (None, None, None, None, dg, d_out, d_o, *grads)
+
+
+def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool = True):
+    """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`): with ``keep`` every
+    ``H_j`` (``[n, c, D]``, for the backward), else the last one (``[c, D]``, one buffer in place)."""
+    n, c, dim = xa.shape
+    xs, xbs = Rows(xa, dtype), Rows(xb, dtype) if xb is not None else None
+    new = dict(dtype=dtype, device=xa.device)
+    h_l = torch.empty(n if keep else 1, c, dim, **new)
+    mix = h_l[0] if keep or tw.kind != "inter" else torch.empty(c, dim, **new)
+    acts = torch.empty(c, n * r, **new)
+    steps = h_l.unbind(0)  # one view per step: step_input tells "in place" by identity
+    for j in range(n):
+        h, prev = (steps[j], steps[j - 1] if j else None) if keep else (steps[0], steps[0] if j else None)
+        _adapter_step(tw, xs, xbs, j, prev, h, h if keep else mix, downs[j], ss[j], ks[j], acts, r)
+    return (h_l if keep else h_l[0]), acts
+
+
+def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down, s, k, acts, r: int) -> None:
+    """Step ``j``: ``H_j`` into ``h`` (from ``prev``, ``H_{j-1}``, which may be ``h``: in place) and
+    ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its columns of ``acts``."""
+    tw.step_input(xs, xbs, j, prev, out=h, mix=mix)
+    pre = torch.addmm(s, h, down.t())
+    if j:
+        pre.addmm_(acts[:, : j * r], k)
+    torch.clamp_min(pre, 0.0, out=acts[:, j * r:(j + 1) * r])
+
+
+def _chunk_backward(tw: "Tower", dh, d_acts, xa, xb, h_l, acts, downs, ks, d_downs, d_ss, d_ks, first: bool) -> list:
+    """One chunk's backward (``dh = dL/dH_n [c, D]`` and ``d_acts = dL/d[a_0 .. a_{n-1}] [c, n r]`` from
+    the output, both updated in place) into the weight gradients (written by the first chunk,
+    accumulated by the others). Returns the gate gradients' dot products, per step (last first):
+    intra ``(<dH_j, h_j>, <dH_j, H_{j-1}>)``, inter ``(<dH_j, xb_j>, <dH_j, xa_j>)``."""
+    n = xa.size(0)
+    r = downs[0].size(0)
+    flat, dots = dh.view(-1), []
+    xs, xbs = Rows(xa, dh.dtype), Rows(xb, dh.dtype) if xb is not None else None
+    zero, scale = dh.new_zeros(()), 1.0
+    for j in reversed(range(n)):
+        a_j = acts[:, j * r:(j + 1) * r]
+        gp = torch.ops.aten.threshold_backward(d_acts[:, j * r:(j + 1) * r], a_j, 0.0)
+        acc(first, d_ss[j], gp.t(), dh.new_ones(gp.size(0)))
+        if j:
+            acc(first, d_ks[j], acts[:, : j * r].t(), gp)
+            d_acts[:, : j * r].addmm_(gp, ks[j].t())
+        acc(first, d_downs[j], gp.t(), h_l[j])
+        dh.addmm_(gp, downs[j], beta=scale)  # dH_j = (1 - g_{j+1}) dH_{j+1} + dL/dpre_j W_down_j
+        scale = 1.0
+        if tw.g is None:
+            continue
+        if tw.kind == "intra":
+            dots += [flat.dot(xs[j].view(-1)), flat.dot(h_l[j - 1].view(-1)) if j else zero]
+            scale = tw.keep[j]
+        else:
+            dots += [flat.dot(xbs[j].view(-1)), flat.dot(xs[j].view(-1))]
+    return dots
 
 
 def acc(first: bool, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -151,44 +244,10 @@ def acc(first: bool, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
         torch.mm(a, b, out=out) if first else out.addmm_(a, b)
 
 
-def _tower_backward(tw: Tower, dz, xa, xb, acts, states, grads, first: bool) -> list:
-    """One chunk's backward into ``grads`` (per step ``w_down, b_down, w_up, b_up``, written by the
-    first chunk, accumulated by the others); ``dz`` (``[c, D]``) is updated in place. Returns the gate
-    gradients' dot products, per step (last first): intra ``(<du, h_j>, <du, z_{j-1}>)``, inter
-    ``(<du, xb_j>, <du, xa_j>)``."""
-    n, c, dim = xa.shape
-    u, flat, dots = torch.empty_like(dz), dz.view(-1), []
-    ones = dz.new_ones(c)
-    xs, xbs, z_l = Rows(xa, dz.dtype), Rows(xb, dz.dtype) if xb is not None else None, states.unbind(0)
-    flat_z = states.view(n, -1).unbind(0)
-    zero = dz.new_zeros(())
-    for j in reversed(range(n)):
-        tw.step_input(xs, xbs, j, z_l[j - 1] if j else None, out=u)
-        acc(first, grads[4 * j + 2], dz.t(), acts[j])
-        acc(first, grads[4 * j + 3], dz.t(), ones)
-        da = torch.ops.aten.threshold_backward(dz @ tw.w_up[j], acts[j], 0.0)
-        acc(first, grads[4 * j], da.t(), u)
-        acc(first, grads[4 * j + 1], da.t(), ones)
-        dz.addmm_(da, tw.w_down[j])
-        if tw.g is None:
-            continue
-        if tw.kind == "intra":
-            dots += [flat.dot(xs[j].view(-1)), flat.dot(flat_z[j - 1]) if j else zero]
-            if j:
-                dz.mul_(tw.keep[j])
-        else:
-            dots += [flat.dot(xbs[j].view(-1)), flat.dot(xs[j].view(-1))]
-    return dots
-
-
 def _gate_grads(tw: Tower, dots: list) -> torch.Tensor:
-    """dL/dg_j summed over the chunks: intra ``<du, h_j - z_{j-1}>``, inter ``<du, xb_j - xa_j>``."""
+    """dL/dg_j summed over the chunks: intra ``<dH_j, h_j - H_{j-1}>``, inter ``<dH_j, xb_j - xa_j>``."""
     d = torch.stack(dots).view(-1, tw.n, 2)  # [chunks, steps (last first), (plus, minus)]
     return (d[..., 0] - d[..., 1]).sum(0).flip(0)
-
-
-def tower_block_weights(blocks) -> list[torch.Tensor]:
-    return [t for b in blocks for t in (b.down.weight, b.down.bias, b.up.weight, b.up.bias)]
 
 
 CHUNK = 256  # items per pass of a tower's steps (results/speed/step_speed.md: 128, 256, unchunked)
@@ -196,19 +255,22 @@ LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/ste
 
 
 def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Optional[torch.Tensor],
-              blocks, out_w: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-    """``[M, d]``: the tower over rows-first states (``[n, M, D]`` contiguous) projected by ``out_w [d, D]``."""
-    weights = tower_block_weights(blocks)
+              blocks, out_w: torch.Tensor, chunk: Optional[int] = None, terms: Optional[dict] = None) -> torch.Tensor:
+    """``[M, d]``: the tower over rows-first states (``[n, M, D]`` contiguous) projected by ``out_w [d, D]``;
+    ``terms``: its :func:`adapter_terms` if already computed (without gradients)."""
     chunk = chunk or CHUNK
-    if torch.is_grad_enabled() and (out_w.requires_grad or any(w.requires_grad for w in weights)):
-        return TowerFunction.apply(kind, chunk, xa, xb, g, out_w, *weights)
+    t = terms if terms is not None else adapter_terms(kind, g, blocks, out_w)
+    flat = [x for j, b in enumerate(blocks) for x in (b.down.weight, t["s"][j], t["K"][j])]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in [out_w, t["O"], *flat]):
+        return TowerFunction.apply(kind, chunk, xa, xb, g, out_w, t["O"], *flat) + t["s_out"]
     with torch.no_grad():
-        tw = Tower(kind, g, weights)
-        y = out_w.new_empty(xa.size(1), out_w.size(0))
+        tw, r = Tower(kind, g, len(blocks)), blocks[0].down.weight.size(0)
+        y = t["s_out"].expand(xa.size(1), -1).clone()
         for s in range(0, xa.size(1), chunk):
             sl = slice(s, s + chunk)
-            z, _ = tower_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, keep=False)
-            torch.mm(z, out_w.t(), out=y[sl])
+            h, acts = _chunk_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, flat[0::3], flat[1::3],
+                                     flat[2::3], r, out_w.dtype, keep=False)
+            y[sl].addmm_(h, out_w.t()).addmm_(acts, t["O"])
         return y
 
 
@@ -218,31 +280,28 @@ def towers_in_lockstep(specs: Sequence[tuple], xa: torch.Tensor, xb: torch.Tenso
     """Without gradients (the item table): ``sum_t tower_t(x) @ E_t.T + bias`` for towers of equal
     row counts run step by step together, ``chunk`` items at a time, so that row j of each state
     tensor is read (and converted to fp32) once for all the towers that read it. ``specs``: per
-    tower ``(kind, source, g, blocks, E)`` with ``source`` ``"a"``, ``"b"`` or ``"ab"`` (inter).
-
-    The last step's up-projection is folded into ``E`` (no nonlinearity between them):
-    ``E z_n = E u_n + (E W_up) a_n + E b_up``, a ``[d, r]`` matrix instead of the ``[D, r]`` one."""
+    tower ``(kind, source, g, blocks, E, terms)`` with ``source`` ``"a"``, ``"b"`` or ``"ab"`` (inter)
+    and ``terms`` its :func:`adapter_terms` (or None: computed here)."""
     chunk = chunk or CHUNK
-    towers = [(Tower(kind, g, tower_block_weights(blocks)), src, e) for kind, src, g, blocks, e in specs]
-    last = xa.size(0) - 1
-    folded = [(e @ tw.w_up[last]).t() for tw, _, e in towers]  # [r, d]
-    bias = bias + sum(e @ tw.b_up[last] for tw, _, e in towers)
-    dtype = towers[0][0].dtype
+    n, dtype = xa.size(0), specs[0][4].dtype
+    towers = []
+    for kind, src, g, blocks, e, t in specs:
+        t = t if t is not None else adapter_terms(kind, g, blocks, e)
+        towers.append((Tower(kind, g, n), src, e, [b.down.weight for b in blocks], t, blocks[0].down.weight.size(0)))
+        bias = bias + t["s_out"]
     y = bias.expand(xa.size(1), -1).clone()
     for s in range(0, xa.size(1), chunk):
         rows = {"a": Rows(xa[:, s:s + chunk], dtype), "b": Rows(xb[:, s:s + chunk], dtype)}
         c, dim = min(chunk, xa.size(1) - s), xa.size(2)
-        zs = [torch.empty(c, dim, dtype=dtype, device=xa.device) for _ in towers]
+        hs = [torch.empty(c, dim, dtype=dtype, device=xa.device) for _ in towers]
+        acts = [torch.empty(c, n * r, dtype=dtype, device=xa.device) for *_, r in towers]
         mix = torch.empty(c, dim, dtype=dtype, device=xa.device)
-        for j in range(xa.size(0)):
-            for (tw, src, e), z, up_e in zip(towers, zs, folded):
+        for j in range(n):
+            for (tw, src, e, downs, t, r), h, act in zip(towers, hs, acts):
                 first, other = rows[src[0]], rows[src[-1]] if len(src) > 1 else None
-                tw.step_input(first, other, j, z if j else None, out=z, mix=mix)
-                if j < last:
-                    tw.sanb(j, z, out=z)
-                else:
-                    a = torch.addmm(tw.b_down[j], z, tw.down_t[j]).clamp_min_(0.0)
-                    y[s:s + c].addmm_(z, e.t()).addmm_(a, up_e)
+                _adapter_step(tw, first, other, j, h if j else None, h, mix, downs[j], t["s"][j], t["K"][j], act, r)
+        for (tw, src, e, downs, t, r), h, act in zip(towers, hs, acts):
+            y[s:s + c].addmm_(h, e.t()).addmm_(act, t["O"])
     return y
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from recbole_iisan.model import fused
-from recbole_iisan.model.fused import SIDE_KERNELS, fold_head, rows_first, run_tower, towers_in_lockstep
+from recbole_iisan.model.fused import (SIDE_KERNELS, adapter_terms, fold_head, rows_first, run_tower,
+                                       towers_in_lockstep)
 from recbole_iisan.utils.resources import trainable_parameters
 
 GATE_TEMPERATURE = 0.1
@@ -318,7 +319,8 @@ class SideNetwork(nn.Module):
             parts += [("intra", xb, None, self.intra_b, self.head_b), ("intra", xa, None, self.intra_a, self.head_a)]
         if self.inter is not None:
             n = self.inter.n_steps
-            parts.append(("inter", xa[xa.size(0) - n:], xb[xb.size(0) - n:], self.inter, self.head_inter))
+            top = [x[x.size(0) - n:] if x is not None else None for x in (xa, xb)]
+            parts.append(("inter", *top, self.inter, self.head_inter))
         return parts
 
     def _fold(self) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -334,30 +336,36 @@ class SideNetwork(nn.Module):
             self._folded, self._folded_key = None, None
         return super().train(mode)
 
-    def folded(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """:meth:`_fold`, kept while the parameters do not change when no gradient is taken (the
-        item table's chunks share it)."""
+    def folded(self) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+        """:meth:`_fold` and, without gradients, each tower's :func:`.fused.adapter_terms`, kept while
+        the parameters do not change (the item table's chunks share them)."""
         if torch.is_grad_enabled():
-            return self._fold()
+            return (*self._fold(), None)
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
         if self._folded_key != key:
-            self._folded, self._folded_key = self._fold(), key
+            outs, bias = self._fold()
+            terms = [adapter_terms(kind, tower.gates() if tower.gates is not None else None, tower.blocks, e)
+                     if not (kind == "inter" and tower.dtls is not None) else None
+                     for (kind, _, _, tower, _), e in zip(self._tower_parts(None, None), outs)]
+            self._folded, self._folded_key = (outs, bias, terms), key
         return self._folded
 
     def _forward_fused(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-        outs, bias = self.folded()
+        outs, bias, terms = self.folded()
+        terms = terms or [None] * len(outs)
+        parts = self._tower_parts(xa, xb)
         if fused.LOCKSTEP and not torch.is_grad_enabled() and xa.size(0) == xb.size(0) and (self.inter is None or self.inter.dtls is None):
             specs = [(kind, "ab" if x2 is not None else ("a" if x1 is xa else "b"),
-                      tower.gates() if tower.gates is not None else None, tower.blocks, e)
-                     for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs)]
+                      tower.gates() if tower.gates is not None else None, tower.blocks, e, t)
+                     for (kind, x1, x2, tower, _), e, t in zip(parts, outs, terms)]
             return towers_in_lockstep(specs, xa, xb, bias)
         y = None
-        for (kind, x1, x2, tower, _), e in zip(self._tower_parts(xa, xb), outs):
+        for (kind, x1, x2, tower, _), e, t in zip(parts, outs, terms):
             if kind == "inter" and tower.dtls is not None:  # widths differ: the DTLs' inputs need gradients
                 part = tower(xa.transpose(0, 1).to(e.dtype), xb.transpose(0, 1).to(e.dtype)) @ e.t()
             else:
                 g = tower.gates() if tower.gates is not None else None
-                part = run_tower(kind, x1, x2, g, tower.blocks, e)
+                part = run_tower(kind, x1, x2, g, tower.blocks, e, terms=t)
             y = part if y is None else y + part
         return y + bias
 
