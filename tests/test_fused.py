@@ -292,3 +292,46 @@ def test_item_table_is_shared_between_evaluation_passes(tiny_model_data):
     assert len(calls) == 3
     model.train()
     assert model._item_table is None
+
+
+def test_gathered_rows_are_reused_only_when_no_graph_holds_them(tiny_model_data):
+    """A training step's gathered rows come from reused buffers: two batches' losses built before
+    one backward (gradient accumulation), and a graph kept with ``retain_graph`` across another
+    step, give the gradients of the same computation without reuse (fresh buffers every time)."""
+    batches = [b for _, b in zip(range(2), tiny_model_data[2])]
+
+    def grads(model, pooled: bool):
+        if not pooled:
+            model.states._row_buffers = None
+        model.train()
+        model.zero_grad()
+        losses = [model.calculate_loss(b) for b in batches]  # both graphs alive at once
+        sum(losses).backward(retain_graph=True)
+        first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.calculate_loss(batches[1]).backward()  # another step while the first graph is kept
+        model.zero_grad()
+        losses[0].backward()  # the kept graph: its saved rows must be unchanged
+        again = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return first, again
+
+    pooled, fresh = grads(_model(tiny_model_data), True), grads(_model(tiny_model_data), False)
+    for got, want in zip(pooled, fresh):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+def test_a_reused_buffer_is_not_handed_out_while_held():
+    from recbole_iisan.model.states import ReusedBuffers
+
+    pool = ReusedBuffers(keep=3)
+    a = pool.take((3, 4), torch.float32, "cpu")
+    b = pool.take((3, 4), torch.float32, "cpu")
+    assert a.data_ptr() != b.data_ptr()  # a is still held
+    ptr = a.data_ptr()
+    saved = a[1]  # a view keeps the storage too
+    del a
+    assert pool.take((3, 4), torch.float32, "cpu").data_ptr() not in (ptr, b.data_ptr())
+    del saved
+    assert pool.take((2, 4), torch.float32, "cpu").data_ptr() == ptr  # free again, and large enough
+    assert copy.deepcopy(pool).items == []
