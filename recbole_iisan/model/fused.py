@@ -93,7 +93,6 @@ def adapter_terms(kind: str, g: Optional[torch.Tensor], blocks, out_w: torch.Ten
     ``O = [c_nk (E W_up_k)^T]_k``, ``s_out = sum_k c_nk E b_up_k`` (``c_nk = beta_{k+1} ... beta_{n-1}``)."""
     n, r = len(blocks), blocks[0].down.weight.size(0)
     beta = (1.0 - g) if (kind == "intra" and g is not None) else None
-    b_up = torch.stack([b.up.bias for b in blocks])  # [n, D]
     coefs: list = [None]  # coefs[j]: c_jk for k < j (None: all 1); coefs[n]: the output's
     for j in range(1, n + 1):
         if beta is None:
@@ -101,25 +100,57 @@ def adapter_terms(kind: str, g: Optional[torch.Tensor], blocks, out_w: torch.Ten
             continue
         c = torch.cat([coefs[j - 1] if coefs[j - 1] is not None else beta.new_ones(0), beta.new_ones(1)])
         coefs.append(c * beta[j] if j < n else c)
-    ks, ss = [], []
-    for j, block in enumerate(blocks):
-        w = block.down.weight
-        if j == 0:
-            ks.append(w.new_empty(0, r))
-            ss.append(block.down.bias)
-            continue
-        # a cat per step, not a slice of one: a slice's backward writes a zero-filled [n r, D] each time
-        k = (torch.cat([b.up.weight.t() for b in blocks[:j]]) @ w.t()).view(j, r, r)
-        q = b_up[:j] @ w.t()  # [j, r]
-        if coefs[j] is not None:
-            k, q = k * coefs[j].view(j, 1, 1), q * coefs[j].view(j, 1)
-        ks.append(k.reshape(j * r, r))
-        ss.append(block.down.bias + q.sum(0))
-    o = (torch.cat([b.up.weight.t() for b in blocks]) @ out_w.t()).view(n, r, -1)
-    q_out = b_up @ out_w.t()  # [n, d]
-    if coefs[n] is not None:
-        o, q_out = o * coefs[n].view(n, 1, 1), q_out * coefs[n].view(n, 1)
-    return {"K": ks, "s": ss, "O": o.reshape(n * r, -1), "s_out": q_out.sum(0)}
+    downs = torch.cat([b.down.weight for b in blocks])  # [n r, D]
+    ups = torch.cat([torch.cat([b.up.weight, b.up.bias[:, None]], dim=1) for b in blocks], dim=1)  # [D, n (r+1)]
+    *pairs, outs = PairProducts.apply(downs, ups, out_w)
+
+    def split(m: torch.Tensor, c: Optional[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rows, k (r+1)]`` products -> (``[k r, rows]``: the ``W_up`` blocks transposed, each times
+        ``c_k``; ``[rows]``: the ``b_up`` columns summed with the weights ``c_k``)."""
+        m = m.view(m.size(0), k, r + 1)
+        if c is not None:
+            m = m * c.view(1, k, 1)
+        return m[:, :, :r].permute(1, 2, 0).reshape(k * r, -1), m[:, :, r].sum(1)
+
+    ks, ss = [downs.new_empty(0, r)], [blocks[0].down.bias]
+    for j in range(1, n):
+        k, q = split(pairs[j - 1], coefs[j], j)
+        ks.append(k)
+        ss.append(blocks[j].down.bias + q)
+    o, q_out = split(outs, coefs[n], n)
+    return {"K": ks, "s": ss, "O": o, "s_out": q_out}
+
+
+class PairProducts(torch.autograd.Function):
+    """The weight products of :func:`adapter_terms` without autograd's per-slice buffers: from
+    ``downs`` (every step's ``W_down`` stacked, ``[n r, D]``), ``ups`` (every step's ``[W_up | b_up]``
+    side by side, ``[D, n (r+1)]``) and ``E [d, D]``, the products ``W_down_j [W_up_k | b_up_k]`` of
+    every ``k < j`` (``[r, j (r+1)]`` per ``j >= 1``) and ``E [W_up_k | b_up_k]`` of every ``k``."""
+
+    @staticmethod
+    def forward(ctx, downs, ups, out_w):
+        n = ups.size(1) - downs.size(0)  # n (r+1) - n r
+        r = downs.size(0) // n
+        ctx.save_for_backward(downs, ups, out_w)
+        ctx.r = r
+        return (*[downs[j * r:(j + 1) * r] @ ups[:, : j * (r + 1)] for j in range(1, n)], out_w @ ups)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        downs, ups, out_w = ctx.saved_tensors
+        r = ctx.r
+        d_downs, d_ups = torch.zeros_like(downs), torch.zeros_like(ups)
+        for j, dm in enumerate(grads[:-1], start=1):
+            if dm is None:
+                continue
+            width = j * (r + 1)
+            d_downs[j * r:(j + 1) * r].addmm_(dm, ups[:, :width].t())
+            d_ups[:, :width].addmm_(downs[j * r:(j + 1) * r].t(), dm)
+        d_out = None
+        if grads[-1] is not None:
+            d_ups.addmm_(out_w.t(), grads[-1])
+            d_out = grads[-1] @ ups.t()
+        return d_downs, d_ups, d_out
 
 
 class TowerFunction(torch.autograd.Function):
