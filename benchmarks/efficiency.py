@@ -53,6 +53,7 @@ def base_config(args) -> dict[str, Any]:
         "tower_batch_size": args.tower_batch_size,
         "missing_image": "zeros",
         "state": "WARNING",
+        "item_id_embedding": False,  # the paper's study: content-only items, as the end-to-end baselines
     }
     if "image" in towers:
         cd["image_encoder"] = args.image_encoder

@@ -238,6 +238,8 @@ def make_config(a: argparse.Namespace, model: str):
         "epochs": 1, "eval_batch_size": a.eval_batch_size, "train_batch_size": a.train_batch_size,
         "show_progress": False, "state": "WARNING", "checkpoint_dir": str(Path(a.work) / "ckpt"),
         "tower_batch_size": a.tower_batch_size, "save_dataset": False, "save_dataloaders": False,
+        # the side network's cost only: an ID table would add n_items x embedding_size parameters
+        "item_id_embedding": False,
     }
     return build_config(model, dataset_name(a.size), config_dict=cd)
 

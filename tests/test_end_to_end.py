@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,8 @@ def test_a_valid_metric_that_is_not_computed_is_one_line(tiny_data: Path, capsys
     assert "config key 'valid_metric' is 'NDCG@10', which this run does not compute" in err
 
 
-def test_resume_from_checkpoint_continues_training(tiny_data: Path, tmp_path: Path, encoders: dict) -> None:
+def test_resume_from_checkpoint_continues_training(tiny_data: Path, tmp_path: Path, encoders: dict,
+                                                   caplog) -> None:
     first = tmp_path / "first.json"
     args = _args(tiny_data, tmp_path, encoders, f"--text_encoder={encoders['bert2']}")
     assert cli.main(["--model=IISANVS", "--dataset=tiny", f"--result_file={first}", *args]) == 0
@@ -155,10 +157,14 @@ def test_resume_from_checkpoint_continues_training(tiny_data: Path, tmp_path: Pa
     assert any(k.startswith("state_dict/") for k in names)
     assert not any("states_" in k for k in names)  # cached states stay out
     second = tmp_path / "second.json"
+    caplog.set_level(logging.INFO)
     assert cli.main(["--model=IISANVS", "--dataset=tiny", f"--resume={ckpt}", f"--result_file={second}",
                      *[a for a in args if not a.startswith("--epochs")], "--epochs=4"]) == 0
-    res = json.loads(second.read_text())
-    assert 1 <= res["epochs_run"] <= 4 - (state["epoch"] + 1)
+    res, done = json.loads(second.read_text()), state["epoch"] + 1
+    assert f"resuming at epoch {done}" in caplog.text
+    # the result counts the checkpoint's epochs (its history) and the ones run after it, at most to --epochs
+    assert done < res["epochs_run"] <= 4
+    assert res["train_losses"][:done] == json.loads(first.read_text())["train_losses"][:done]
 
 
 def test_image_model_without_images_is_one_clear_line(tiny_data: Path, tmp_path: Path, encoders: dict, capsys) -> None:

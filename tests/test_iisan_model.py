@@ -99,7 +99,8 @@ def eval_batch(tiny):
 
 # ---------------------------------------------------------------------------- parameter counts
 def test_vs_parameter_count_is_the_papers(tiny):
-    model, _ = build(tiny, IISANVS, dims=(768, 768), rows=(7, 7), depths=(12, 12))
+    # the paper's content-only items (the default under RecBole's protocol adds an ID table)
+    model, _ = build(tiny, IISANVS, dims=(768, 768), rows=(7, 7), depths=(12, 12), item_id_embedding=False)
     counts = model.parameter_counts()
     assert counts["side network"] == VS_SIDE
     assert counts["side network"] + REF_USER_ENCODER == 4_113_877

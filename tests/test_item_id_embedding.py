@@ -30,8 +30,8 @@ def test_id_embedding_only_for_items_seen_in_training(tiny_data: Path, tmp_path:
     from test_encoders import make_tiny_bert
 
     bert = str(make_tiny_bert(tmp_path / "bert"))
-    plain, _, _ = _model(tiny_data, tmp_path, bert)
-    assert plain.id_embedding is None  # the default (properties/IISAN.yaml)
+    plain, _, _ = _model(tiny_data, tmp_path, bert, item_id_embedding=False)
+    assert plain.id_embedding is None
     model, train, ds = _model(tiny_data, tmp_path, bert, item_id_embedding=True)
     held = torch.as_tensor(ds.cold_items)
     assert model.id_seen[held].sum() == 0 and model.id_seen[0] == 0
@@ -54,3 +54,17 @@ def test_id_embedding_only_for_items_seen_in_training(tiny_data: Path, tmp_path:
     torch.testing.assert_close(table[held], content[held])  # content only
     torch.testing.assert_close(table[seen], content[seen] + model.id_embedding.weight[seen])
     assert not torch.allclose(table[seen], content[seen])
+
+
+def test_default_is_on_under_recbole_protocol_and_off_under_the_papers(tiny_data: Path, tmp_path: Path) -> None:
+    """``item_id_embedding: ~``: True under RecBole's protocol (results/scientific_item_id), False
+    under ``--paper_protocol`` (the paper's content-only items); a value the user sets is kept."""
+    from test_encoders import make_tiny_bert
+
+    bert = str(make_tiny_bert(tmp_path / "bert"))
+    on, _, _ = _model(tiny_data, tmp_path, bert)
+    assert on.id_embedding is not None
+    paper, _, _ = _model(tiny_data, tmp_path, bert, paper_protocol=True)
+    assert paper.id_embedding is None
+    kept, _, _ = _model(tiny_data, tmp_path, bert, paper_protocol=True, item_id_embedding=True)
+    assert kept.id_embedding is not None

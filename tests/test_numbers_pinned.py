@@ -48,7 +48,8 @@ COMMON = {
 SASREC = {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1}
 IISANVS = {"towers": ["text", "text2"], "text_fields": ["title"], "text2_fields": ["title"],
            "embedding_size": 16, "sanb_size": 8, "inner_size": 32, "encoder_batch_size": 16,
-           "cache_dtype": "float32"}
+           "cache_dtype": "float32",
+           "item_id_embedding": False}  # the side network's numbers (pinned before the ID table was a default)
 
 
 def measure(root: Path) -> dict:

@@ -228,7 +228,23 @@ def best_index(scores: list, bigger: bool = True, first: bool = False) -> int:
 def history_state(trainer: Any) -> dict:
     """The per-epoch history a resumed run needs to report the whole run."""
     return {"train_epoch_seconds": list(trainer.train_epoch_seconds), "eval_seconds": list(trainer.eval_seconds),
-            "valid_scores": list(trainer.valid_scores), "valid_results": list(trainer.valid_results)}
+            "valid_scores": list(trainer.valid_scores), "valid_results": list(trainer.valid_results),
+            "train_loss": {str(k): _plain_loss(v) for k, v in trainer.train_loss_dict.items()}}
+
+
+def _plain_loss(v: Any) -> Any:
+    """An epoch's training loss as JSON: a float, or a list for RecBole models with several losses."""
+    return [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
+
+
+def restore_history(trainer: Any, history: dict) -> None:
+    """The inverse of :func:`history_state`."""
+    trainer.train_epoch_seconds = list(history.get("train_epoch_seconds", []))
+    trainer.eval_seconds = list(history.get("eval_seconds", []))
+    trainer.valid_scores = list(history.get("valid_scores", []))
+    trainer.valid_results = list(history.get("valid_results", []))
+    trainer.train_loss_dict.update({int(k): tuple(v) if isinstance(v, list) else float(v)
+                                    for k, v in (history.get("train_loss") or {}).items()})
 
 
 def trainer_state(trainer: Any, epoch: int) -> dict:
@@ -276,10 +292,7 @@ def resume_trainer(trainer: Any, resume_file: PathLike) -> None:
     trainer.best_valid_score = ck.get("best_valid_score", trainer.best_valid_score)
     history = ck.get(HISTORY_KEY)
     if isinstance(history, dict):
-        trainer.train_epoch_seconds = list(history.get("train_epoch_seconds", []))
-        trainer.eval_seconds = list(history.get("eval_seconds", []))
-        trainer.valid_scores = list(history.get("valid_scores", []))
-        trainer.valid_results = list(history.get("valid_results", []))
+        restore_history(trainer, history)
         if trainer.valid_scores and len(trainer.valid_results) == len(trainer.valid_scores):
             best = best_index(trainer.valid_scores, trainer.valid_metric_bigger,
                               first=getattr(trainer, "selection_rule", "recbole") == "authors")
@@ -339,7 +352,6 @@ def save_last(trainer: Any, epoch: int, path: PathLike, train_data: Any) -> str:
         **trainer_state(trainer, epoch),
         LAST_KEY: {"best_valid_result": dict(trainer.best_valid_result or {}),
                    "best_model_file": str(trainer.saved_model_file),
-                   "train_loss": {int(k): float(v) for k, v in trainer.train_loss_dict.items()},
                    "rng": _rng_state(train_data)},
     }
     save(state, path)
@@ -377,13 +389,10 @@ def resume_last(trainer: Any, path: PathLike, train_data: Any) -> None:
     trainer.start_epoch = int(ck["epoch"]) + 1
     trainer.cur_step = int(ck.get("cur_step", 0))
     trainer.best_valid_score = ck.get("best_valid_score", trainer.best_valid_score)
-    history = ck.get(HISTORY_KEY) or {}
-    trainer.train_epoch_seconds = list(history.get("train_epoch_seconds", []))
-    trainer.eval_seconds = list(history.get("eval_seconds", []))
-    trainer.valid_scores = list(history.get("valid_scores", []))
-    trainer.valid_results = list(history.get("valid_results", []))
+    history = dict(ck.get(HISTORY_KEY) or {})
+    history.setdefault("train_loss", last.get("train_loss"))  # older rolling states kept the losses there
+    restore_history(trainer, history)
     trainer.best_valid_result = dict(last.get("best_valid_result") or {}) or None
-    trainer.train_loss_dict.update({int(k): float(v) for k, v in (last.get("train_loss") or {}).items()})
     best_file = last.get("best_model_file")
     if best_file:
         trainer.saved_model_file = str(best_file)
