@@ -89,10 +89,6 @@ def run(
         result["breakdown"] = compute_breakdown(trainer, train_data, test_data)
     _log_summary(config, result, trainer)
     result["result_file"] = _write_outputs(config, result, outcome["per_user"], test_data, result_file)
-    if not config["single_spec"]:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
     if queue is not None and config["local_rank"] == 0:
         queue.put(result)
     return result
@@ -222,7 +218,20 @@ def _write_outputs(config: Any, result: dict, per_user: dict, test_data: Any, re
 def _run_rank(rank: int, model: str, dataset: str, config_files, kwargs: dict) -> None:
     kwargs = dict(kwargs)
     kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=rank)
-    run(model, dataset, config_files, **kwargs)
+    import gc
+
+    import torch.distributed as dist
+
+    try:
+        run(model, dataset, config_files, **kwargs)
+        # the process group goes last: after the DDP model, its reducer and the loaders are freed and
+        # every rank is done (a gloo group torn down under live work can abort the process at exit)
+        gc.collect()
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_distributed(model: str, dataset: str, config_files: Optional[list[str]] = None,
