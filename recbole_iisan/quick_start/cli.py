@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper_protocol", action="store_true", help="the authors' protocol: last 13 items per user, one training window per user, "
                    "full-history masking, selection on Hit@10, the authors' user encoder")
     p.add_argument("--compare", default=None, help="comma-separated models to run and tabulate; the first is the "
-                   "baseline of the paired tests; a variant: 'IISANVS[item_id_embedding=True]'")
+                   "baseline of the paired tests; a variant: 'IISANVS[item_id_embedding=False]'")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: every model runs once per seed (mean ± std, "
                    "paired tests over users); also 'seeds: [...]' in yaml")
     p.add_argument("--results_dir", default=None, help="folder of the runs' result files and the table (--compare, "

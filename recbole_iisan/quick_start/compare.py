@@ -39,7 +39,7 @@ CHECKPOINTS = "checkpoints"
 
 def parse_entries(text: str) -> list[tuple[str, str, dict]]:
     """``--compare`` entries -> ``[(label, model, overrides)]``. An entry is a model name, or a
-    variant ``Model[key=value;key=value]`` (an ablation: ``IISANVS[item_id_embedding=True]``),
+    variant ``Model[key=value;key=value]`` (an ablation: ``IISANVS[item_id_embedding=False]``),
     whose label is the entry itself; values are parsed as on the command line."""
     from recbole_iisan.config.configurator import parse_overrides
 
