@@ -322,7 +322,7 @@ def test_gathered_rows_are_reused_only_when_no_graph_holds_them(tiny_model_data)
 
 
 def test_a_reused_buffer_is_not_handed_out_while_held():
-    from recbole_iisan.model.states import ReusedBuffers
+    from recbole_iisan.utils.buffers import ReusedBuffers
 
     pool = ReusedBuffers(keep=3)
     a = pool.take((3, 4), torch.float32, "cpu")

@@ -82,75 +82,100 @@ class Tower:
 
 def adapter_terms(kind: str, g: Optional[torch.Tensor], blocks, out_w: torch.Tensor) -> dict:
     """The weights-only quantities of :class:`TowerFunction` (their cost does not grow with the
-    number of items; computed with autograd where gradients are taken): per step ``j`` the
-    ``[j r, r]`` matrix ``K_j`` (the earlier steps' adapter outputs as step ``j``'s down-projection
-    sees them) and the bias ``s_j [r]``; the ``[n r, d]`` matrix ``O`` and the bias ``s_out [d]`` of
-    the output ``z_n @ E.T``.
+    number of items): per step ``j`` the ``[j r, r]`` matrix ``K_j`` (the earlier steps' adapter
+    outputs as step ``j``'s down-projection sees them) and the bias ``s_j [r]``; the ``[n r, d]``
+    matrix ``O`` and the bias ``s_out [d]`` of the output ``z_n @ E.T``.
 
     With ``beta_j`` the weight of ``z_{j-1}`` in ``u_j`` (``1 - g_j``; 1 without gates and in the
     inter tower) and ``c_jk = beta_{k+1} ... beta_j``:
     ``K_j = [c_jk (W_down_j W_up_k)^T]_{k<j}``, ``s_j = b_down_j + sum_{k<j} c_jk W_down_j b_up_k``,
-    ``O = [c_nk (E W_up_k)^T]_k``, ``s_out = sum_k c_nk E b_up_k`` (``c_nk = beta_{k+1} ... beta_{n-1}``)."""
+    ``O = [c_nk (E W_up_k)^T]_k``, ``s_out = sum_k c_nk E b_up_k`` (``c_nk = beta_{k+1} ... beta_{n-1}``).
+    The products are :class:`AdapterTerms` (one autograd node); the coefficients, ``n (n + 1) / 2``
+    numbers, are built here with autograd."""
     n, r = len(blocks), blocks[0].down.weight.size(0)
-    beta = (1.0 - g) if (kind == "intra" and g is not None) else None
-    coefs: list = [None]  # coefs[j]: c_jk for k < j (None: all 1); coefs[n]: the output's
+    coefs = _coefficients(n, (1.0 - g) if (kind == "intra" and g is not None) else None, out_w)
+    flat = [t for b in blocks for t in (b.down.weight, b.down.bias, b.up.weight, b.up.bias)]
+    *ks, o, s_out = AdapterTerms.apply(r, coefs, out_w, *flat)
+    return {"K": [out_w.new_empty(0, r)] + ks[n:], "s": ks[:n], "O": o, "s_out": s_out}
+
+
+def _coefficients(n: int, beta: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``C [n + 1, n]``: ``C[j, k] = c_jk`` for ``k < j`` (:func:`adapter_terms`), 0 elsewhere."""
+    if beta is None:
+        return torch.ones(n + 1, n, dtype=like.dtype, device=like.device).tril(-1)
+    rows, row = [beta.new_zeros(n)], beta.new_zeros(0)
     for j in range(1, n + 1):
-        if beta is None:
-            coefs.append(None)
-            continue
-        c = torch.cat([coefs[j - 1] if coefs[j - 1] is not None else beta.new_ones(0), beta.new_ones(1)])
-        coefs.append(c * beta[j] if j < n else c)
-    downs = torch.cat([b.down.weight for b in blocks])  # [n r, D]
-    ups = torch.cat([torch.cat([b.up.weight, b.up.bias[:, None]], dim=1) for b in blocks], dim=1)  # [D, n (r+1)]
-    *pairs, outs = PairProducts.apply(downs, ups, out_w)
-
-    def split(m: torch.Tensor, c: Optional[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[rows, k (r+1)]`` products -> (``[k r, rows]``: the ``W_up`` blocks transposed, each times
-        ``c_k``; ``[rows]``: the ``b_up`` columns summed with the weights ``c_k``)."""
-        m = m.view(m.size(0), k, r + 1)
-        if c is not None:
-            m = m * c.view(1, k, 1)
-        return m[:, :, :r].permute(1, 2, 0).reshape(k * r, -1), m[:, :, r].sum(1)
-
-    ks, ss = [downs.new_empty(0, r)], [blocks[0].down.bias]
-    for j in range(1, n):
-        k, q = split(pairs[j - 1], coefs[j], j)
-        ks.append(k)
-        ss.append(blocks[j].down.bias + q)
-    o, q_out = split(outs, coefs[n], n)
-    return {"K": ks, "s": ss, "O": o, "s_out": q_out}
+        row = torch.cat([row, beta.new_ones(1)])
+        if j < n:
+            row = row * beta[j]
+        rows.append(torch.cat([row, beta.new_zeros(n - j)]))
+    return torch.stack(rows)
 
 
-class PairProducts(torch.autograd.Function):
-    """The weight products of :func:`adapter_terms` without autograd's per-slice buffers: from
-    ``downs`` (every step's ``W_down`` stacked, ``[n r, D]``), ``ups`` (every step's ``[W_up | b_up]``
-    side by side, ``[D, n (r+1)]``) and ``E [d, D]``, the products ``W_down_j [W_up_k | b_up_k]`` of
-    every ``k < j`` (``[r, j (r+1)]`` per ``j >= 1``) and ``E [W_up_k | b_up_k]`` of every ``k``."""
+class AdapterTerms(torch.autograd.Function):
+    """:func:`adapter_terms`' products as one node with a hand-written backward: from
+    ``C [n + 1, n]`` (:func:`_coefficients`), ``E [d, D]`` and per step ``(W_down, b_down, W_up, b_up)``,
+    the outputs ``s_0 .. s_{n-1}, K_1 .. K_{n-1}, O, s_out``. With ``U = [W_up_0^T; ..; W_up_{n-1}^T]``
+    (``[n r, D]``) every product is a block of ``U [W_down_j^T | E^T]``: ``K_j`` is ``U[:j r] W_down_j^T``
+    with its ``r``-row blocks scaled by ``C[j]``, ``O`` is ``U E^T`` scaled by ``C[n]``; the biases take
+    ``V = C [b_up_0; ..; b_up_{n-1}]`` (``[n + 1, D]``). Each weight's gradient is then one matmul
+    (``W_up_k``'s from the blocks of every later step at once), written once, not accumulated."""
 
     @staticmethod
-    def forward(ctx, downs, ups, out_w):
-        n = ups.size(1) - downs.size(0)  # n (r+1) - n r
-        r = downs.size(0) // n
-        ctx.save_for_backward(downs, ups, out_w)
-        ctx.r = r
-        return (*[downs[j * r:(j + 1) * r] @ ups[:, : j * (r + 1)] for j in range(1, n)], out_w @ ups)
+    def forward(ctx, r, coefs, out_w, *flat):
+        n = len(flat) // 4
+        downs, b_downs = flat[0::4], flat[1::4]
+        ups_t = torch.cat(flat[2::4], dim=1).t()  # [n r, D], a view of the [D, n r] copy
+        b_ups = torch.stack(flat[3::4])  # [n, D]
+        v = coefs @ b_ups  # [n + 1, D]
+        raws = [ups_t[: j * r] @ downs[j].t() for j in range(1, n)] + [ups_t @ out_w.t()]
+        scaled = [m * _blockwise(coefs[j, :j], r) for j, m in enumerate(raws, start=1)]
+        s = [b_downs[0].clone()] + [torch.addmv(b_downs[j], downs[j], v[j]) for j in range(1, n)]
+        ctx.r, ctx.n = r, n
+        ctx.save_for_backward(coefs, out_w, ups_t, b_ups, v, *downs, *raws)
+        return (*s, *scaled, out_w @ v[n])
 
     @staticmethod
     def backward(ctx, *grads):
-        downs, ups, out_w = ctx.saved_tensors
-        r = ctx.r
-        d_downs, d_ups = torch.zeros_like(downs), torch.zeros_like(ups)
-        for j, dm in enumerate(grads[:-1], start=1):
+        r, n = ctx.r, ctx.n
+        coefs, out_w, ups_t, b_ups, v, *rest = ctx.saved_tensors
+        downs, raws = rest[:n], rest[n:]
+        d_s, d_scaled, d_sout = grads[:n], grads[n:2 * n], grads[2 * n]
+        d_coefs, d_v = torch.zeros_like(coefs), torch.zeros_like(v)
+        d_raws = []  # dL/d(unscaled product), j = 1 .. n (n: O's)
+        for j, (dm, raw) in enumerate(zip(d_scaled, raws), start=1):
             if dm is None:
+                d_raws.append(torch.zeros_like(raw))
                 continue
-            width = j * (r + 1)
-            d_downs[j * r:(j + 1) * r].addmm_(dm, ups[:, :width].t())
-            d_ups[:, :width].addmm_(downs[j * r:(j + 1) * r].t(), dm)
-        d_out = None
-        if grads[-1] is not None:
-            d_ups.addmm_(out_w.t(), grads[-1])
-            d_out = grads[-1] @ ups.t()
-        return d_downs, d_ups, d_out
+            d_coefs[j, :j] = (dm * raw).view(j, -1).sum(1)
+            d_raws.append(dm * _blockwise(coefs[j, :j], r))
+        d_bdowns = [d if d is not None else w.new_zeros(r) for d, w in zip(d_s, downs)]
+        d_downs = [None]
+        for j in range(1, n):
+            dw = d_raws[j - 1].t() @ ups_t[: j * r]
+            if d_s[j] is not None:
+                dw.addr_(d_s[j], v[j])
+                torch.mv(downs[j].t(), d_s[j], out=d_v[j])
+            d_downs.append(dw)
+        d_out = d_raws[-1].t() @ ups_t
+        if d_sout is not None:
+            d_out.addr_(d_sout, v[n])
+            torch.mv(out_w.t(), d_sout, out=d_v[n])
+        d_coefs.addmm_(d_v, b_ups.t())
+        d_bups = coefs.t() @ d_v  # [n, D]
+        # W_up_k meets W_down_j (j > k) in K_j and E in O: its gradient is one matmul over those blocks
+        later = torch.cat([*downs[1:], out_w])  # W_down_1 .. W_down_{n-1}, E: [(n - 1) r + d, D]
+        d_ups = []
+        for k in range(n):
+            left = torch.cat([d_raws[j - 1][k * r:(k + 1) * r] for j in range(k + 1, n + 1)], dim=1)
+            d_ups.append(later[k * r:].t() @ left.t())  # [D, r]
+        grads_flat = [t for j in range(n) for t in (d_downs[j], d_bdowns[j], d_ups[j], d_bups[j])]
+        return (None, d_coefs, d_out, *grads_flat)
+
+
+def _blockwise(c: torch.Tensor, r: int) -> torch.Tensor:
+    """``[k r, 1]``: each of the ``k`` coefficients repeated over its block of ``r`` rows."""
+    return c.repeat_interleave(r)[:, None]
 
 
 class TowerFunction(torch.autograd.Function):
@@ -170,16 +195,18 @@ class TowerFunction(torch.autograd.Function):
     core's cache; the weight gradients accumulate over chunks."""
 
     @staticmethod
-    def forward(ctx, kind, chunk, xa, xb, g, out_w, o_mat, *flat):
+    def forward(ctx, kind, chunk, buffers, xa, xb, g, out_w, o_mat, *flat):
         n = len(flat) // 3
         tw = Tower(kind, g, n)
         downs, ss, ks = flat[0::3], flat[1::3], flat[2::3]
         m, r = xa.size(1), downs[0].size(0)
         y = out_w.new_empty(m, out_w.size(0))
+        shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
+        h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
         saved = []
         for s in range(0, m, chunk):
             h_l, acts = _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
-                                       downs, ss, ks, r, out_w.dtype)
+                                       downs, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk])
             torch.mm(h_l[-1], out_w.t(), out=y[s:s + chunk])
             y[s:s + chunk].addmm_(acts, o_mat)
             saved += [h_l, acts]
@@ -208,16 +235,17 @@ class TowerFunction(torch.autograd.Function):
                                     d_downs, d_ss, d_ks, first)
         dg = _gate_grads(tw, dots) if tw.g is not None else None
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
-        return (None, None, None, None, dg, d_out, d_o, *grads)
+        return (None, None, None, None, None, dg, d_out, d_o, *grads)
 
 
-def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool = True):
+def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool = True, out=None):
     """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`): with ``keep`` every
-    ``H_j`` (``[n, c, D]``, for the backward), else the last one (``[c, D]``, one buffer in place)."""
+    ``H_j`` (``[n, c, D]``, for the backward; into ``out`` if given), else the last one (``[c, D]``,
+    one buffer in place)."""
     n, c, dim = xa.shape
     xs, xbs = Rows(xa, dtype), Rows(xb, dtype) if xb is not None else None
     new = dict(dtype=dtype, device=xa.device)
-    h_l = torch.empty(n if keep else 1, c, dim, **new)
+    h_l = out if out is not None else torch.empty(n if keep else 1, c, dim, **new)
     mix = h_l[0] if keep or tw.kind != "inter" else torch.empty(c, dim, **new)
     acts = torch.empty(c, n * r, **new)
     steps = h_l.unbind(0)  # one view per step: step_input tells "in place" by identity
@@ -286,14 +314,16 @@ LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/ste
 
 
 def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Optional[torch.Tensor],
-              blocks, out_w: torch.Tensor, chunk: Optional[int] = None, terms: Optional[dict] = None) -> torch.Tensor:
+              blocks, out_w: torch.Tensor, chunk: Optional[int] = None, terms: Optional[dict] = None,
+              buffers=None) -> torch.Tensor:
     """``[M, d]``: the tower over rows-first states (``[n, M, D]`` contiguous) projected by ``out_w [d, D]``;
-    ``terms``: its :func:`adapter_terms` if already computed (without gradients)."""
+    ``terms``: its :func:`adapter_terms` if already computed (without gradients); ``buffers``: a
+    :class:`~recbole_iisan.utils.buffers.ReusedBuffers` for what the backward keeps."""
     chunk = chunk or CHUNK
     t = terms if terms is not None else adapter_terms(kind, g, blocks, out_w)
     flat = [x for j, b in enumerate(blocks) for x in (b.down.weight, t["s"][j], t["K"][j])]
     if torch.is_grad_enabled() and any(x.requires_grad for x in [out_w, t["O"], *flat]):
-        return TowerFunction.apply(kind, chunk, xa, xb, g, out_w, t["O"], *flat) + t["s_out"]
+        return TowerFunction.apply(kind, chunk, buffers, xa, xb, g, out_w, t["O"], *flat) + t["s_out"]
     with torch.no_grad():
         tw, r = Tower(kind, g, len(blocks)), blocks[0].down.weight.size(0)
         y = t["s_out"].expand(xa.size(1), -1).clone()

@@ -25,6 +25,7 @@ from torch import nn
 from recbole_iisan.model import fused
 from recbole_iisan.model.fused import (SIDE_KERNELS, adapter_terms, fold_head, rows_first, run_tower,
                                        towers_in_lockstep)
+from recbole_iisan.utils.buffers import ReusedBuffers
 from recbole_iisan.utils.resources import trainable_parameters
 
 GATE_TEMPERATURE = 0.1
@@ -293,6 +294,7 @@ class SideNetwork(nn.Module):
                 n_parts += 1
         self.fusion = nn.Linear(n_parts * d, d)
         self._folded, self._folded_key = None, None
+        self._tower_buffers = ReusedBuffers(keep=4)  # what the fused towers' backward keeps (one per tower)
 
     @property
     def fused(self) -> bool:
@@ -365,7 +367,7 @@ class SideNetwork(nn.Module):
                 part = tower(xa.transpose(0, 1).to(e.dtype), xb.transpose(0, 1).to(e.dtype)) @ e.t()
             else:
                 g = tower.gates() if tower.gates is not None else None
-                part = run_tower(kind, x1, x2, g, tower.blocks, e, terms=t)
+                part = run_tower(kind, x1, x2, g, tower.blocks, e, terms=t, buffers=self._tower_buffers)
             y = part if y is None else y + part
         return y + bias
 
