@@ -200,54 +200,52 @@ class TowerFunction(torch.autograd.Function):
         tw = Tower(kind, g, n)
         downs, ss, ks = flat[0::3], flat[1::3], flat[2::3]
         m, r = xa.size(1), downs[0].size(0)
-        y = out_w.new_empty(m, out_w.size(0))
         shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
         h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
-        saved = []
+        acts = out_w.new_empty(m, n * r)
         for s in range(0, m, chunk):
-            h_l, acts = _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
-                                       downs, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk])
-            torch.mm(h_l[-1], out_w.t(), out=y[s:s + chunk])
-            y[s:s + chunk].addmm_(acts, o_mat)
-            saved += [h_l, acts]
+            _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
+                           downs, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk])
+        y = torch.mm(h_all[-1], out_w.t()).addmm_(acts, o_mat)
         ctx.tower, ctx.chunk, ctx.n = tw, chunk, n
-        ctx.save_for_backward(xa, xb, out_w, o_mat, *flat, *saved)
+        ctx.save_for_backward(xa, xb, out_w, o_mat, h_all, acts, *flat)
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        """The ``r``-wide part for all items at once (``dL/dpre_j`` step by step, last first, and from it
+        every weight gradient: one matmul each over all items), then, with gates, the ``D``-wide
+        ``dL/dH_j`` chunk by chunk, needed only for the gates' dot products (:func:`_gate_dots`)."""
         tw, chunk, n = ctx.tower, ctx.chunk, ctx.n
-        xa, xb, out_w, o_mat, *rest = ctx.saved_tensors
-        flat, saved = rest[:3 * n], rest[3 * n:]
+        xa, xb, out_w, o_mat, h_all, acts, *flat = ctx.saved_tensors
         downs, ks = flat[0::3], flat[2::3]
-        d_downs = [torch.empty_like(w) for w in downs]
-        d_ss = [w.new_empty(w.size(0)) for w in downs]
-        d_ks = [torch.empty_like(k) for k in ks]
-        d_out, d_o = torch.empty_like(out_w), torch.empty_like(o_mat)
-        dots = []
-        for c, s in enumerate(range(0, xa.size(1), chunk)):
-            h_l, acts = saved[2 * c], saved[2 * c + 1]
-            dyc, first = dy[s:s + chunk], c == 0
-            acc(first, d_out, dyc.t(), h_l[-1])
-            acc(first, d_o, acts.t(), dyc)
-            dots += _chunk_backward(tw, dyc @ out_w, dyc @ o_mat.t(), xa[:, s:s + chunk],
-                                    xb[:, s:s + chunk] if xb is not None else None, h_l, acts, downs, ks,
-                                    d_downs, d_ss, d_ks, first)
-        dg = _gate_grads(tw, dots) if tw.g is not None else None
+        r = downs[0].size(0)
+        d_out, d_o = dy.t() @ h_all[-1], acts.t() @ dy
+        d_acts = dy @ o_mat.t()  # dL/d[a_0 .. a_{n-1}], completed step by step (last first)
+        gps, d_downs, d_ss, d_ks = [None] * n, [None] * n, [None] * n, [torch.empty_like(ks[0])] + [None] * (n - 1)
+        for j in reversed(range(n)):
+            cols = slice(j * r, (j + 1) * r)
+            gp = gps[j] = torch.ops.aten.threshold_backward(d_acts[:, cols], acts[:, cols], 0.0)  # dL/dpre_j
+            d_ss[j] = gp.sum(0)
+            if j:
+                d_ks[j] = acts[:, : j * r].t() @ gp
+                d_acts[:, : j * r].addmm_(gp, ks[j].t())
+            d_downs[j] = gp.t() @ h_all[j]
+        dg = _gate_grads(tw, _gate_dots(tw, chunk, dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, dg, d_out, d_o, *grads)
 
 
-def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool = True, out=None):
-    """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`): with ``keep`` every
-    ``H_j`` (``[n, c, D]``, for the backward; into ``out`` if given), else the last one (``[c, D]``,
-    one buffer in place)."""
+def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None):
+    """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`; into ``acts`` if given):
+    with ``keep`` every ``H_j`` (``[n, c, D]``, for the backward; into ``out`` if given), else the last
+    one (``[c, D]``, one buffer in place)."""
     n, c, dim = xa.shape
     xs, xbs = Rows(xa, dtype), Rows(xb, dtype) if xb is not None else None
     new = dict(dtype=dtype, device=xa.device)
     h_l = out if out is not None else torch.empty(n if keep else 1, c, dim, **new)
     mix = h_l[0] if keep or tw.kind != "inter" else torch.empty(c, dim, **new)
-    acts = torch.empty(c, n * r, **new)
+    acts = acts if acts is not None else torch.empty(c, n * r, **new)
     steps = h_l.unbind(0)  # one view per step: step_input tells "in place" by identity
     for j in range(n):
         h, prev = (steps[j], steps[j - 1] if j else None) if keep else (steps[0], steps[0] if j else None)
@@ -265,42 +263,24 @@ def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down, s, k, acts, 
     torch.clamp_min(pre, 0.0, out=acts[:, j * r:(j + 1) * r])
 
 
-def _chunk_backward(tw: "Tower", dh, d_acts, xa, xb, h_l, acts, downs, ks, d_downs, d_ss, d_ks, first: bool) -> list:
-    """One chunk's backward (``dh = dL/dH_n [c, D]`` and ``d_acts = dL/d[a_0 .. a_{n-1}] [c, n r]`` from
-    the output, both updated in place) into the weight gradients (written by the first chunk,
-    accumulated by the others). Returns the gate gradients' dot products, per step (last first):
-    intra ``(<dH_j, h_j>, <dH_j, H_{j-1}>)``, inter ``(<dH_j, xb_j>, <dH_j, xa_j>)``."""
-    n = xa.size(0)
-    r = downs[0].size(0)
-    flat, dots = dh.view(-1), []
-    xs, xbs = Rows(xa, dh.dtype), Rows(xb, dh.dtype) if xb is not None else None
-    zero, scale = dh.new_zeros(()), 1.0
-    for j in reversed(range(n)):
-        a_j = acts[:, j * r:(j + 1) * r]
-        gp = torch.ops.aten.threshold_backward(d_acts[:, j * r:(j + 1) * r], a_j, 0.0)
-        acc(first, d_ss[j], gp.t(), dh.new_ones(gp.size(0)))
-        if j:
-            acc(first, d_ks[j], acts[:, : j * r].t(), gp)
-            d_acts[:, : j * r].addmm_(gp, ks[j].t())
-        acc(first, d_downs[j], gp.t(), h_l[j])
-        dh.addmm_(gp, downs[j], beta=scale)  # dH_j = (1 - g_{j+1}) dH_{j+1} + dL/dpre_j W_down_j
-        scale = 1.0
-        if tw.g is None:
-            continue
-        if tw.kind == "intra":
-            dots += [flat.dot(xs[j].view(-1)), flat.dot(h_l[j - 1].view(-1)) if j else zero]
-            scale = tw.keep[j]
-        else:
-            dots += [flat.dot(xbs[j].view(-1)), flat.dot(xs[j].view(-1))]
+def _gate_dots(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs) -> list:
+    """The gate gradients' dot products, chunk by chunk and per step (last first): with
+    ``dH_j = dL/dH_j`` (``[c, D]``, in place: ``dH_j = beta_{j+1} dH_{j+1} + dL/dpre_j W_down_j``), intra
+    ``(<dH_j, h_j>, <dH_j, H_{j-1}>)``, inter ``(<dH_j, xb_j>, <dH_j, xa_j>)``."""
+    n, dots = xa.size(0), []
+    for s in range(0, xa.size(1), chunk):
+        dh = dy[s:s + chunk] @ out_w
+        flat, scale = dh.view(-1), 1.0
+        xs = Rows(xa[:, s:s + chunk], dh.dtype)
+        xbs = Rows(xb[:, s:s + chunk], dh.dtype) if xb is not None else None
+        for j in reversed(range(n)):
+            dh.addmm_(gps[j][s:s + chunk], downs[j], beta=scale)
+            if tw.kind == "intra":
+                dots += [flat.dot(xs[j].view(-1)), flat.dot(h_all[j - 1, s:s + chunk].view(-1)) if j else dh.new_zeros(())]
+                scale = tw.keep[j]
+            else:
+                dots += [flat.dot(xbs[j].view(-1)), flat.dot(xs[j].view(-1))]
     return dots
-
-
-def acc(first: bool, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out = a @ b`` (first chunk) or ``out += a @ b``; a 1-D ``out`` takes ``a @ b`` as a matrix-vector product."""
-    if out.dim() == 1:
-        torch.mv(a, b, out=out) if first else out.addmv_(a, b)
-    else:
-        torch.mm(a, b, out=out) if first else out.addmm_(a, b)
 
 
 def _gate_grads(tw: Tower, dots: list) -> torch.Tensor:
