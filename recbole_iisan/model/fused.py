@@ -203,9 +203,10 @@ class TowerFunction(torch.autograd.Function):
         shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
         h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
         acts = out_w.new_empty(m, n * r)
+        downs_t = transposed(downs)
         for s in range(0, m, chunk):
             _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
-                           downs, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk])
+                           downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk])
         y = torch.mm(h_all[-1], out_w.t()).addmm_(acts, o_mat)
         ctx.tower, ctx.chunk, ctx.n = tw, chunk, n
         ctx.save_for_backward(xa, xb, out_w, o_mat, h_all, acts, *flat)
@@ -231,12 +232,12 @@ class TowerFunction(torch.autograd.Function):
                 d_ks[j] = acts[:, : j * r].t() @ gp
                 d_acts[:, : j * r].addmm_(gp, ks[j].t())
             d_downs[j] = gp.t() @ h_all[j]
-        dg = _gate_grads(tw, _gate_dots(tw, chunk, dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
+        dg = _gate_grads(tw, _gate_dots(tw, min(GATE_CHUNK, chunk), dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, dg, d_out, d_o, *grads)
 
 
-def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None):
+def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None):
     """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`; into ``acts`` if given):
     with ``keep`` every ``H_j`` (``[n, c, D]``, for the backward; into ``out`` if given), else the last
     one (``[c, D]``, one buffer in place)."""
@@ -249,15 +250,22 @@ def _chunk_forward(tw: "Tower", xa, xb, downs, ss, ks, r: int, dtype, keep: bool
     steps = h_l.unbind(0)  # one view per step: step_input tells "in place" by identity
     for j in range(n):
         h, prev = (steps[j], steps[j - 1] if j else None) if keep else (steps[0], steps[0] if j else None)
-        _adapter_step(tw, xs, xbs, j, prev, h, h if keep else mix, downs[j], ss[j], ks[j], acts, r)
+        _adapter_step(tw, xs, xbs, j, prev, h, h if keep else mix, downs_t[j], ss[j], ks[j], acts, r)
     return (h_l if keep else h_l[0]), acts
 
 
-def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down, s, k, acts, r: int) -> None:
+def transposed(weights) -> list:
+    """``W^T`` of each ``[r, D]`` weight as a contiguous ``[D, r]`` copy: the forward's ``H_j W_down_j^T``
+    runs ~15% faster on it than on the transposed view (``benchmarks/step_speed.py``)."""
+    return [w.t().contiguous() for w in weights]
+
+
+def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down_t, s, k, acts, r: int) -> None:
     """Step ``j``: ``H_j`` into ``h`` (from ``prev``, ``H_{j-1}``, which may be ``h``: in place) and
-    ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its columns of ``acts``."""
+    ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its columns of ``acts``;
+    ``down_t``: ``W_down_j^T`` (:func:`transposed`)."""
     tw.step_input(xs, xbs, j, prev, out=h, mix=mix)
-    pre = torch.addmm(s, h, down.t())
+    pre = torch.addmm(s, h, down_t)
     if j:
         pre.addmm_(acts[:, : j * r], k)
     torch.clamp_min(pre, 0.0, out=acts[:, j * r:(j + 1) * r])
@@ -289,6 +297,7 @@ def _gate_grads(tw: Tower, dots: list) -> torch.Tensor:
     return (d[..., 0] - d[..., 1]).sum(0).flip(0)
 
 
+GATE_CHUNK = 128  # items per pass of the gates' D-wide backward (dL/dH_j [c, D] stays in the core's L2)
 CHUNK = 256  # items per pass of a tower's steps (results/speed/step_speed.md: 128, 256, unchunked)
 LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/step_speed.py measures both)
 
@@ -309,7 +318,7 @@ def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Option
         y = t["s_out"].expand(xa.size(1), -1).clone()
         for s in range(0, xa.size(1), chunk):
             sl = slice(s, s + chunk)
-            h, acts = _chunk_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, flat[0::3], flat[1::3],
+            h, acts = _chunk_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, transposed(flat[0::3]), flat[1::3],
                                      flat[2::3], r, out_w.dtype, keep=False)
             y[sl].addmm_(h, out_w.t()).addmm_(acts, t["O"])
         return y
@@ -328,7 +337,7 @@ def towers_in_lockstep(specs: Sequence[tuple], xa: torch.Tensor, xb: torch.Tenso
     towers = []
     for kind, src, g, blocks, e, t in specs:
         t = t if t is not None else adapter_terms(kind, g, blocks, e)
-        towers.append((Tower(kind, g, n), src, e, [b.down.weight for b in blocks], t, blocks[0].down.weight.size(0)))
+        towers.append((Tower(kind, g, n), src, e, transposed([b.down.weight for b in blocks]), t, blocks[0].down.weight.size(0)))
         bias = bias + t["s_out"]
     y = bias.expand(xa.size(1), -1).clone()
     for s in range(0, xa.size(1), chunk):
