@@ -102,11 +102,17 @@ def variants(model, train: bool) -> dict:
     """name -> (setup, teardown, kept/dropped note); every variant differs from ``fused`` by one lever."""
     compiled, error = lev.compiled_side(model)
 
-    def kernel(name, chunk=None):
+    pool = model.side._tower_buffers
+
+    def kernel(name, chunk=None, gate_chunk=None, buffers=True):
         def setup():
             lev.restore_side(model)
             lev.set_kernel(model, name)
-            fused.CHUNK = chunk or DEFAULT_CHUNK
+            fused.CHUNK, fused.TRAIN_CHUNK, fused.GATE_CHUNK = DEFAULT_CHUNKS
+            fused.GATE_CHUNK = gate_chunk or fused.GATE_CHUNK
+            if chunk:  # the pass size of the path measured: a training step's forward or the item table
+                setattr(fused, "TRAIN_CHUNK" if train else "CHUNK", chunk)
+            model.side._tower_buffers = pool if buffers else None
         return setup
 
     def replaced(forward):
@@ -118,11 +124,21 @@ def variants(model, train: bool) -> dict:
     out = {
         "today (side_kernel: modules)": kernel("modules"),
         "fused (default)": kernel("fused"),
-        "fused, towers unchunked": kernel("fused", 1 << 30),
-        "fused, towers in chunks of 128": kernel("fused", 128),
+    }
+    if train:
+        out.update({
+            "fused, forward in chunks of 256": kernel("fused", 256),
+            "fused, forward in chunks of 128": kernel("fused", 128),
+            "fused, gates' backward in chunks of 256": kernel("fused", gate_chunk=256),
+            "fused, without reused H buffers": kernel("fused", buffers=False),
+        })
+    else:
+        out.update({"fused, towers unchunked": kernel("fused", 1 << 30),
+                    "fused, towers in chunks of 128": kernel("fused", 128)})
+    out.update({
         "modules + h-part bmm": replaced(lev.h_batched_side(model.side)),
         "modules, bf16 autocast (opt-in)": kernel("modules"),
-    }
+    })
     if compiled is not None:
         out["modules + torch.compile"] = replaced(compiled)
     else:
@@ -130,7 +146,7 @@ def variants(model, train: bool) -> dict:
     return out
 
 
-DEFAULT_CHUNK = fused.CHUNK
+DEFAULT_CHUNKS = (fused.CHUNK, fused.TRAIN_CHUNK, fused.GATE_CHUNK)
 
 
 def run_variant(name: str, setup, fn):
@@ -297,6 +313,8 @@ def decision(name: str, ratio_to_default: float, default: str) -> str:
         return "opt-in (bf16 numbers)"
     if base.endswith("Adam unfused"):
         return f"fused Adam kept: without it {ratio_to_default:.2f}x the default's time"
+    if base.startswith("fused, without "):
+        return f"kept: without it {ratio_to_default:.2f}x the default's time"
     if ratio_to_default >= 1.05:
         return f"dropped: {ratio_to_default:.2f}x the default's time"
     if ratio_to_default >= 0.95:

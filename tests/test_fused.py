@@ -112,9 +112,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("chunk", [7, 128])
+@pytest.mark.parametrize("chunk", [7, 128, None])
 def test_fused_side_network_matches_the_reference(case, chunk, monkeypatch):
-    monkeypatch.setattr(fused, "CHUNK", chunk)
+    if chunk is not None:  # None: the defaults (the training forward in one pass, the gates' backward in 128s)
+        for name in ("CHUNK", "TRAIN_CHUNK", "GATE_CHUNK"):
+            monkeypatch.setattr(fused, name, chunk)
     side = make_side(**CASES[case])
     assert side.fused
     h_a, h_b = states(side, 301)
@@ -128,7 +130,8 @@ def test_fused_side_network_matches_the_reference(case, chunk, monkeypatch):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_side_network_is_the_same_math_in_fp64(case, monkeypatch):
-    monkeypatch.setattr(fused, "CHUNK", 50)
+    for name in ("CHUNK", "TRAIN_CHUNK", "GATE_CHUNK"):
+        monkeypatch.setattr(fused, name, 50)
     side = make_side(torch.float64, **CASES[case])
     h_a, h_b = states(side, 120, torch.float64)
     ref, ref_grads = outputs_and_grads(side, lambda a, b: reference_side(side, a, b), h_a, h_b)

@@ -232,7 +232,7 @@ class TowerFunction(torch.autograd.Function):
                 d_ks[j] = acts[:, : j * r].t() @ gp
                 d_acts[:, : j * r].addmm_(gp, ks[j].t())
             d_downs[j] = gp.t() @ h_all[j]
-        dg = _gate_grads(tw, _gate_dots(tw, min(GATE_CHUNK, chunk), dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
+        dg = _gate_grads(tw, _gate_dots(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, dg, d_out, d_o, *grads)
 
@@ -297,8 +297,10 @@ def _gate_grads(tw: Tower, dots: list) -> torch.Tensor:
     return (d[..., 0] - d[..., 1]).sum(0).flip(0)
 
 
-GATE_CHUNK = 128  # items per pass of the gates' D-wide backward (dL/dH_j [c, D] stays in the core's L2)
-CHUNK = 256  # items per pass of a tower's steps (results/speed/step_speed.md: 128, 256, unchunked)
+# items per pass (results/speed/step_speed.md measures the alternatives):
+CHUNK = 256  # without gradients (the item table): a step's buffers stay in the core's cache
+TRAIN_CHUNK = 1 << 30  # a training step's forward: all its items in one pass (fewer, larger matmuls)
+GATE_CHUNK = 128  # the gates' D-wide backward: dL/dH_j ([c, D]) stays in the core's L2
 LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/step_speed.py measures both)
 
 
@@ -308,11 +310,11 @@ def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Option
     """``[M, d]``: the tower over rows-first states (``[n, M, D]`` contiguous) projected by ``out_w [d, D]``;
     ``terms``: its :func:`adapter_terms` if already computed (without gradients); ``buffers``: a
     :class:`~recbole_iisan.utils.buffers.ReusedBuffers` for what the backward keeps."""
-    chunk = chunk or CHUNK
     t = terms if terms is not None else adapter_terms(kind, g, blocks, out_w)
     flat = [x for j, b in enumerate(blocks) for x in (b.down.weight, t["s"][j], t["K"][j])]
     if torch.is_grad_enabled() and any(x.requires_grad for x in [out_w, t["O"], *flat]):
-        return TowerFunction.apply(kind, chunk, buffers, xa, xb, g, out_w, t["O"], *flat) + t["s_out"]
+        return TowerFunction.apply(kind, chunk or TRAIN_CHUNK, buffers, xa, xb, g, out_w, t["O"], *flat) + t["s_out"]
+    chunk = chunk or CHUNK
     with torch.no_grad():
         tw, r = Tower(kind, g, len(blocks)), blocks[0].down.weight.size(0)
         y = t["s_out"].expand(xa.size(1), -1).clone()
