@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -78,19 +79,22 @@ def user_windows(ids: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 class Bench:
-    """Alternating rounds of named callables; CPU seconds per call."""
+    """Alternating rounds of named callables; CPU seconds (user + system) and minor page faults
+    (first touches of fresh memory, each a trip through the kernel) per call."""
 
     def __init__(self):
         self.times: dict[str, list[float]] = {}
+        self.faults: dict[str, list[int]] = {}
 
     def run(self, jobs: dict, rounds: int) -> None:
         for fn in jobs.values():
             fn()  # warm-up (and compilation)
         for _ in range(rounds):
             for name, fn in jobs.items():
-                t0 = time.process_time()
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
                 fn()
                 self.times.setdefault(name, []).append(time.process_time() - t0)
+                self.faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
@@ -332,6 +336,7 @@ def rows_for(bench: Bench, work: str, names, today: str, authors_name, flops: di
         rows.append({"work": work, "variant": name, "CPU s": f"{t:.3f}", "x today": f"{t / t_today:.2f}",
                      "x authors": lev.maybe(t / t_auth if t_auth else None),
                      "GFLOP/s": lev.maybe(flops.get(name, 0) / t / 1e9 if flops.get(name) else None, "{:.0f}"),
+                     "page faults": f"{statistics.median(bench.faults[name]):,.0f}",
                      "max rel. diff vs today": f"{diffs[name]:.1e}" if name in diffs else "",
                      "decision": "" if name == authors_name else decision(name, t / bench.median(default), default)})
     return rows
@@ -461,7 +466,8 @@ def _header(a, t_compile: str) -> str:
         "GFLOP/s: the side network's FLOPs as the SANBs are written (two D x r matmuls per step and item; "
         "forward, x3 for a training step) per CPU second of the whole step (the user encoder, loss and optimizer "
         "are not counted); the fused kernel does less arithmetic than that (no up-projections), so its figure is "
-        "an effective rate, not the machine's."])
+        "an effective rate, not the machine's. Page faults: the median minor page faults per call (first writes "
+        "to fresh memory; their kernel time is part of the CPU seconds)."])
 
 
 if __name__ == "__main__":

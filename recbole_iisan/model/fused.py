@@ -13,13 +13,18 @@ path to ~1e-6 relative, and to 1e-10 in fp64: ``tests/test_fused.py``):
   (``W_up a + b_up``) only ever meets a later down-projection or ``E``, so a tower carries the
   states' own part ``H_j`` (the gated inputs, ``D`` wide) and the ``r``-wide activations ``a_k``,
   which reach step ``j`` through ``[r, r]`` products ``W_down_j W_up_k`` (:func:`adapter_terms`,
-  computed once per call, not per item). Per step and item that is one ``D x r`` matmul in the
-  forward and two in the backward instead of two and four (:class:`TowerFunction`);
+  computed once per call, not per item, as one autograd node: :class:`AdapterTerms`). Per step and
+  item that is one ``D x r`` matmul in the forward and two in the backward instead of two and four
+  (:class:`TowerFunction`);
 - a tower reads its states rows-first (``[n_rows, M, D]``): a training step gathers its items' rows
   once into contiguous fp32 (:func:`.states.gather_rows_first`), the item table reads the cache in
   place and converts each row to fp32 into one scratch buffer as it is needed (:class:`Rows`);
-- the backward keeps the weight gradients as accumulators over item chunks and takes the gate
-  gradients as dot products, instead of autograd's per-op buffers;
+- the backward runs the ``r``-wide part (``dL/dpre_j``, step by step) over all items at once, and
+  from it every weight gradient as one matmul; the ``D``-wide ``dL/dH_j``, which only the gates
+  need, runs chunk by chunk and yields their gradients as dot products (:func:`_gate_dots`);
+- what the backward keeps (every step's ``H``, the largest tensor of a step) is a buffer reused
+  from step to step (:class:`~recbole_iisan.utils.buffers.ReusedBuffers`), not fresh memory whose
+  first writes cost page faults;
 - without gradients (the evaluation's item table) the towers step together
   (:func:`towers_in_lockstep`), so a row of the cache is converted once for all the towers that read it.
 """
