@@ -12,7 +12,7 @@ class ReusedBuffers:
     """Buffers handed out again once nothing else holds them: the rows a training step gathers and
     the states its fused towers keep for the backward (15 MB each per tower at 704 items of 7 x 768
     rows) would otherwise be fresh memory every step, whose first writes cost the kernel's page
-    faults (``results/speed/step_speed.md``: ~8% of a step).
+    faults (the ``page faults`` column of ``results/speed/step_speed.md``).
 
     A buffer is free when its storage has no reference but the pool's: the autograd graph that
     saved it has run its backward or been dropped (checked with the storage's reference count,
