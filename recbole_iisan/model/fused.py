@@ -196,8 +196,9 @@ class TowerFunction(torch.autograd.Function):
 
     Per step and item that is one ``D x r`` matmul in the forward and two in the backward, where
     the SANB as written (``z = u + W_up a``) costs two and four: the up-projections into ``D`` are
-    never formed. Items go through in chunks of ``chunk`` rows so that a step's buffers stay in the
-    core's cache; the weight gradients accumulate over chunks."""
+    never formed. The forward goes through the items in passes of ``chunk`` rows (a training step:
+    :data:`TRAIN_CHUNK`, one pass); the backward's ``r``-wide part runs over all of them at once, its
+    ``D``-wide part in passes of :data:`GATE_CHUNK`."""
 
     @staticmethod
     def forward(ctx, kind, chunk, buffers, xa, xb, g, out_w, o_mat, *flat):
@@ -260,8 +261,8 @@ def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bo
 
 
 def transposed(weights) -> list:
-    """``W^T`` of each ``[r, D]`` weight as a contiguous ``[D, r]`` copy: the forward's ``H_j W_down_j^T``
-    runs ~15% faster on it than on the transposed view (``benchmarks/step_speed.py``)."""
+    """``W^T`` of each ``[r, D]`` weight as a contiguous ``[D, r]`` copy (a small copy per call): the
+    forward's ``H_j W_down_j^T`` multiplies by it without a transposed operand."""
     return [w.t().contiguous() for w in weights]
 
 
