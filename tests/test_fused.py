@@ -298,14 +298,16 @@ def test_item_table_is_shared_between_evaluation_passes(tiny_model_data):
 
 
 def test_gathered_rows_are_reused_only_when_no_graph_holds_them(tiny_model_data):
-    """A training step's gathered rows come from reused buffers: two batches' losses built before
+    """A training step's gathered rows and the states its towers keep come from reused buffers: two
+    batches' losses built before
     one backward (gradient accumulation), and a graph kept with ``retain_graph`` across another
     step, give the gradients of the same computation without reuse (fresh buffers every time)."""
     batches = [b for _, b in zip(range(2), tiny_model_data[2])]
 
     def grads(model, pooled: bool):
-        if not pooled:
+        if not pooled:  # fresh memory for the gathered rows and for what the towers' backward keeps
             model.states._row_buffers = None
+            model.side._tower_buffers = None
         model.train()
         model.zero_grad()
         losses = [model.calculate_loss(b) for b in batches]  # both graphs alive at once

@@ -96,12 +96,15 @@ def adapter_terms(kind: str, g: Optional[torch.Tensor], blocks, out_w: torch.Ten
     ``K_j = [c_jk (W_down_j W_up_k)^T]_{k<j}``, ``s_j = b_down_j + sum_{k<j} c_jk W_down_j b_up_k``,
     ``O = [c_nk (E W_up_k)^T]_k``, ``s_out = sum_k c_nk E b_up_k`` (``c_nk = beta_{k+1} ... beta_{n-1}``).
     The products are :class:`AdapterTerms` (one autograd node); the coefficients, ``n (n + 1) / 2``
-    numbers, are built here with autograd."""
+    numbers, are built here with autograd. ``down_t``: every ``W_down_j^T`` for the forward's matmuls
+    (:func:`transposed`, no gradient: the backward uses ``W_down_j`` itself)."""
     n, r = len(blocks), blocks[0].down.weight.size(0)
     coefs = _coefficients(n, (1.0 - g) if (kind == "intra" and g is not None) else None, out_w)
     flat = [t for b in blocks for t in (b.down.weight, b.down.bias, b.up.weight, b.up.bias)]
     *ks, o, s_out = AdapterTerms.apply(r, coefs, out_w, *flat)
-    return {"K": [out_w.new_empty(0, r)] + ks[n:], "s": ks[:n], "O": o, "s_out": s_out}
+    with torch.no_grad():
+        down_t = transposed([b.down.weight for b in blocks])
+    return {"K": [out_w.new_empty(0, r)] + ks[n:], "s": ks[:n], "O": o, "s_out": s_out, "down_t": down_t}
 
 
 def _coefficients(n: int, beta: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,8 @@ class AdapterTerms(torch.autograd.Function):
             if dm is None:
                 d_raws.append(torch.zeros_like(raw))
                 continue
-            d_coefs[j, :j] = (dm * raw).view(j, -1).sum(1)
+            if ctx.needs_input_grad[1]:  # the gates' share (no gates: C is a constant)
+                d_coefs[j, :j] = (dm * raw).view(j, -1).sum(1)
             d_raws.append(dm * _blockwise(coefs[j, :j], r))
         d_bdowns = [d if d is not None else w.new_zeros(r) for d, w in zip(d_s, downs)]
         d_downs = [None]
@@ -166,7 +170,8 @@ class AdapterTerms(torch.autograd.Function):
         if d_sout is not None:
             d_out.addr_(d_sout, v[n])
             torch.mv(out_w.t(), d_sout, out=d_v[n])
-        d_coefs.addmm_(d_v, b_ups.t())
+        if ctx.needs_input_grad[1]:
+            d_coefs.addmm_(d_v, b_ups.t())
         d_bups = coefs.t() @ d_v  # [n, D]
         # W_up_k meets W_down_j (j > k) in K_j and E in O: its gradient is one matmul over those blocks
         later = torch.cat([*downs[1:], out_w])  # W_down_1 .. W_down_{n-1}, E: [(n - 1) r + d, D]
@@ -175,7 +180,7 @@ class AdapterTerms(torch.autograd.Function):
             left = torch.cat([d_raws[j - 1][k * r:(k + 1) * r] for j in range(k + 1, n + 1)], dim=1)
             d_ups.append(later[k * r:].t() @ left.t())  # [D, r]
         grads_flat = [t for j in range(n) for t in (d_downs[j], d_bdowns[j], d_ups[j], d_bups[j])]
-        return (None, d_coefs, d_out, *grads_flat)
+        return (None, d_coefs if ctx.needs_input_grad[1] else None, d_out, *grads_flat)
 
 
 def _blockwise(c: torch.Tensor, r: int) -> torch.Tensor:
@@ -201,7 +206,7 @@ class TowerFunction(torch.autograd.Function):
     ``D``-wide part in passes of :data:`GATE_CHUNK`."""
 
     @staticmethod
-    def forward(ctx, kind, chunk, buffers, xa, xb, g, out_w, o_mat, *flat):
+    def forward(ctx, kind, chunk, buffers, downs_t, xa, xb, g, out_w, o_mat, *flat):
         n = len(flat) // 3
         tw = Tower(kind, g, n)
         downs, ss, ks = flat[0::3], flat[1::3], flat[2::3]
@@ -209,7 +214,6 @@ class TowerFunction(torch.autograd.Function):
         shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
         h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
         acts = out_w.new_empty(m, n * r)
-        downs_t = transposed(downs)
         for s in range(0, m, chunk):
             _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
                            downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk])
@@ -240,7 +244,7 @@ class TowerFunction(torch.autograd.Function):
             d_downs[j] = gp.t() @ h_all[j]
         dg = _gate_grads(tw, _gate_dots(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
-        return (None, None, None, None, None, dg, d_out, d_o, *grads)
+        return (None, None, None, None, None, None, dg, d_out, d_o, *grads)
 
 
 def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None):
@@ -261,8 +265,8 @@ def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bo
 
 
 def transposed(weights) -> list:
-    """``W^T`` of each ``[r, D]`` weight as a contiguous ``[D, r]`` copy (a small copy per call): the
-    forward's ``H_j W_down_j^T`` multiplies by it without a transposed operand."""
+    """``W^T`` of each ``[r, D]`` weight as a contiguous ``[D, r]`` copy (made once per
+    :func:`adapter_terms`): the forward's ``H_j W_down_j^T`` multiplies by it without a transposed operand."""
     return [w.t().contiguous() for w in weights]
 
 
@@ -319,14 +323,15 @@ def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Option
     t = terms if terms is not None else adapter_terms(kind, g, blocks, out_w)
     flat = [x for j, b in enumerate(blocks) for x in (b.down.weight, t["s"][j], t["K"][j])]
     if torch.is_grad_enabled() and any(x.requires_grad for x in [out_w, t["O"], *flat]):
-        return TowerFunction.apply(kind, chunk or TRAIN_CHUNK, buffers, xa, xb, g, out_w, t["O"], *flat) + t["s_out"]
+        return TowerFunction.apply(kind, chunk or TRAIN_CHUNK, buffers, t["down_t"], xa, xb, g, out_w, t["O"],
+                                   *flat) + t["s_out"]
     chunk = chunk or CHUNK
     with torch.no_grad():
         tw, r = Tower(kind, g, len(blocks)), blocks[0].down.weight.size(0)
         y = t["s_out"].expand(xa.size(1), -1).clone()
         for s in range(0, xa.size(1), chunk):
             sl = slice(s, s + chunk)
-            h, acts = _chunk_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, transposed(flat[0::3]), flat[1::3],
+            h, acts = _chunk_forward(tw, xa[:, sl], xb[:, sl] if xb is not None else None, t["down_t"], flat[1::3],
                                      flat[2::3], r, out_w.dtype, keep=False)
             y[sl].addmm_(h, out_w.t()).addmm_(acts, t["O"])
         return y
@@ -345,7 +350,7 @@ def towers_in_lockstep(specs: Sequence[tuple], xa: torch.Tensor, xb: torch.Tenso
     towers = []
     for kind, src, g, blocks, e, t in specs:
         t = t if t is not None else adapter_terms(kind, g, blocks, e)
-        towers.append((Tower(kind, g, n), src, e, transposed([b.down.weight for b in blocks]), t, blocks[0].down.weight.size(0)))
+        towers.append((Tower(kind, g, n), src, e, t["down_t"], t, blocks[0].down.weight.size(0)))
         bias = bias + t["s_out"]
     y = bias.expand(xa.size(1), -1).clone()
     for s in range(0, xa.size(1), chunk):
