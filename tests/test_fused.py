@@ -111,9 +111,32 @@ CASES = {
 }
 
 
+def gathered(h_a: torch.Tensor, h_b: torch.Tensor, one_buffer: bool):
+    """The states as a training step hands them to the side network: rows first, contiguous (B's rows
+    right after A's in one buffer when ``one_buffer``, as ``CachedStates.rows_first`` gathers them)."""
+    if one_buffer and h_a.size(2) == h_b.size(2):  # (widths that differ: two buffers, as there)
+        both = torch.cat([h_a.transpose(0, 1), h_b.transpose(0, 1)]).contiguous()
+        return both[: h_a.size(1)], both[h_a.size(1):]
+    return h_a.transpose(0, 1).contiguous(), h_b.transpose(0, 1).contiguous()
+
+
+LAYOUTS = {  # how the side network receives the states: as modules do, or gathered (one or two buffers)
+    "[M, n, D]": None,
+    "rows first": lambda a, b: gathered(a, b, False),
+    "rows first, one buffer": lambda a, b: gathered(a, b, True),
+}
+
+
+def side_on(side: SideNetwork, layout: str):
+    if LAYOUTS[layout] is None:
+        return side
+    return lambda a, b: side(*LAYOUTS[layout](a, b), rows_first_states=True)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("chunk", [7, 128, None])
-def test_fused_side_network_matches_the_reference(case, chunk, monkeypatch):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_side_network_matches_the_reference(case, chunk, layout, monkeypatch):
     if chunk is not None:  # None: the defaults (the training forward in one pass, the gates' backward in 128s)
         for name in ("CHUNK", "TRAIN_CHUNK", "GATE_CHUNK"):
             monkeypatch.setattr(fused, name, chunk)
@@ -121,7 +144,7 @@ def test_fused_side_network_matches_the_reference(case, chunk, monkeypatch):
     assert side.fused
     h_a, h_b = states(side, 301)
     ref, ref_grads = outputs_and_grads(side, lambda a, b: reference_side(side, a, b), h_a, h_b)
-    out, grads = outputs_and_grads(side, side, h_a, h_b)
+    out, grads = outputs_and_grads(side, side_on(side, layout), h_a, h_b)
     assert rel(ref, out) < 1e-5
     assert ref_grads.keys() == grads.keys()
     for name in ref_grads:
@@ -129,13 +152,16 @@ def test_fused_side_network_matches_the_reference(case, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_side_network_is_the_same_math_in_fp64(case, monkeypatch):
-    for name in ("CHUNK", "TRAIN_CHUNK", "GATE_CHUNK"):
-        monkeypatch.setattr(fused, name, 50)
+@pytest.mark.parametrize("chunk", [50, None])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_side_network_is_the_same_math_in_fp64(case, chunk, layout, monkeypatch):
+    if chunk is not None:
+        for name in ("CHUNK", "TRAIN_CHUNK", "GATE_CHUNK"):
+            monkeypatch.setattr(fused, name, chunk)
     side = make_side(torch.float64, **CASES[case])
     h_a, h_b = states(side, 120, torch.float64)
     ref, ref_grads = outputs_and_grads(side, lambda a, b: reference_side(side, a, b), h_a, h_b)
-    out, grads = outputs_and_grads(side, side, h_a, h_b)
+    out, grads = outputs_and_grads(side, side_on(side, layout), h_a, h_b)
     assert rel(ref, out) < 1e-10
     for name in ref_grads:
         assert rel(ref_grads[name], grads[name]) < 1e-10, name

@@ -19,9 +19,12 @@ path to ~1e-6 relative, and to 1e-10 in fp64: ``tests/test_fused.py``):
 - a tower reads its states rows-first (``[n_rows, M, D]``): a training step gathers its items' rows
   once into contiguous fp32 (:func:`.states.gather_rows_first`), the item table reads the cache in
   place and converts each row to fp32 into one scratch buffer as it is needed (:class:`Rows`);
+- a training step forms every step's ``H_j`` (a linear combination of the inputs, through the
+  gates) at once, as one matmul over the flattened rows (:func:`_mixed_inputs`), not step by step;
 - the backward runs the ``r``-wide part (``dL/dpre_j``, step by step) over all items at once, and
   from it every weight gradient as one matmul; the ``D``-wide ``dL/dH_j``, which only the gates
-  need, runs chunk by chunk and yields their gradients as dot products (:func:`_gate_dots`);
+  need, runs chunk by chunk, and of the inner products they take, those with ``H_j`` itself come
+  from ``r``-wide ones, so a step reads one or two ``D``-wide rows, not three (:func:`_gate_grads`);
 - what the backward keeps (every step's ``H``, the largest tensor of a step) is a buffer reused
   from step to step (:class:`~recbole_iisan.utils.buffers.ReusedBuffers`), not fresh memory whose
   first writes cost page faults;
@@ -30,6 +33,7 @@ path to ~1e-6 relative, and to 1e-10 in fp64: ``tests/test_fused.py``):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -66,7 +70,26 @@ class Tower:
     def __init__(self, kind: str, g: Optional[torch.Tensor], n: int):
         self.kind, self.n = kind, n
         self.g = g.unbind() if g is not None else None
+        self.values = g.tolist() if g is not None else None  # g_j as floats
         self.keep = (1.0 - g).tolist() if g is not None else None  # 1 - g_j as floats (addmm's beta)
+
+    def mixing(self, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(C_a [n, n], C_b [n, n] or None)`` with ``H_j = sum_k C_a[j, k] xa_k (+ C_b[j, k] xb_k)``:
+        every step's ``H`` is a linear combination of the inputs (:func:`_mixed_inputs`). Intra
+        ``C_a[j, k] = g_k (1 - g_{k+1}) .. (1 - g_j)`` (``add``: 1), inter ``C_a[j, k] = 1 - g_k``,
+        ``C_b[j, k] = g_k`` (``add``: 1), for ``k <= j``."""
+        n, g = self.n, self.values
+        ca, cb = [[0.0] * n for _ in range(n)], [[0.0] * n for _ in range(n)]
+        for j in range(n):
+            for k in range(j + 1):
+                if g is None:
+                    ca[j][k] = cb[j][k] = 1.0
+                elif self.kind == "inter":
+                    ca[j][k], cb[j][k] = 1.0 - g[k], g[k]
+                else:
+                    ca[j][k] = g[k] * math.prod(1.0 - g[i] for i in range(k + 1, j + 1))
+        new = dict(dtype=like.dtype, device=like.device)
+        return torch.tensor(ca, **new), (torch.tensor(cb, **new) if self.kind == "inter" else None)
 
     def step_input(self, xa, xb, j: int, z: Optional[torch.Tensor], out: torch.Tensor, mix=None) -> torch.Tensor:
         """``H_j`` (:class:`TowerFunction`) into ``out`` (which may be ``z``, the previous one: in place;
@@ -214,26 +237,29 @@ class TowerFunction(torch.autograd.Function):
         shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
         h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
         acts = out_w.new_empty(m, n * r)
+        mixed = chunk >= m and _mixed_inputs(tw, xa, xb, h_all)
         for s in range(0, m, chunk):
             _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
-                           downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk])
-        y = torch.mm(h_all[-1], out_w.t()).addmm_(acts, o_mat)
-        ctx.tower, ctx.chunk, ctx.n = tw, chunk, n
-        ctx.save_for_backward(xa, xb, out_w, o_mat, h_all, acts, *flat)
+                           downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk],
+                           inputs_mixed=mixed)
+        ye = torch.mm(h_all[-1], out_w.t())  # H_{n-1} E^T: the gates' backward needs it (_gate_grads)
+        y = torch.addmm(ye, acts, o_mat)
+        ctx.tower, ctx.n = tw, n
+        ctx.save_for_backward(xa, xb, out_w, o_mat, h_all, acts, ye if g is not None else None, *flat)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         """The ``r``-wide part for all items at once (``dL/dpre_j`` step by step, last first, and from it
         every weight gradient: one matmul each over all items), then, with gates, the ``D``-wide
-        ``dL/dH_j`` chunk by chunk, needed only for the gates' dot products (:func:`_gate_dots`)."""
-        tw, chunk, n = ctx.tower, ctx.chunk, ctx.n
-        xa, xb, out_w, o_mat, h_all, acts, *flat = ctx.saved_tensors
-        downs, ks = flat[0::3], flat[2::3]
+        ``dL/dH_j`` chunk by chunk, which only they need (:func:`_gate_grads`)."""
+        tw, n = ctx.tower, ctx.n
+        xa, xb, out_w, o_mat, h_all, acts, ye, *flat = ctx.saved_tensors
+        downs, ss, ks = flat[0::3], flat[1::3], flat[2::3]
         r = downs[0].size(0)
-        d_out, d_o = dy.t() @ h_all[-1], acts.t() @ dy
+        d_o = acts.t() @ dy
         d_acts = dy @ o_mat.t()  # dL/d[a_0 .. a_{n-1}], completed step by step (last first)
-        gps, d_downs, d_ss, d_ks = [None] * n, [None] * n, [None] * n, [torch.empty_like(ks[0])] + [None] * (n - 1)
+        gps, d_ss, d_ks = [None] * n, [None] * n, [torch.empty_like(ks[0])] + [None] * (n - 1)
         for j in reversed(range(n)):
             cols = slice(j * r, (j + 1) * r)
             gp = gps[j] = torch.ops.aten.threshold_backward(d_acts[:, cols], acts[:, cols], 0.0)  # dL/dpre_j
@@ -241,16 +267,22 @@ class TowerFunction(torch.autograd.Function):
             if j:
                 d_ks[j] = acts[:, : j * r].t() @ gp
                 d_acts[:, : j * r].addmm_(gp, ks[j].t())
-            d_downs[j] = gp.t() @ h_all[j]
-        dg = _gate_grads(tw, _gate_dots(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs)) if tw.g is not None else None
+        d_out, d_downs = dy.t() @ h_all[-1], [gp.t() @ h_all[j] for j, gp in enumerate(gps)]
+        dg = None
+        if tw.g is not None:
+            own = [gps[j].view(-1).dot(acts[:, j * r:(j + 1) * r].reshape(-1)) - d_ss[j].dot(ss[j])
+                   - d_ks[j].view(-1).dot(ks[j].reshape(-1)) for j in range(n)]  # <dL/dpre_j, H_j W_down_j^T>
+            dg = _gate_grads(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs, own, dy.view(-1).dot(ye.view(-1)))
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, None, dg, d_out, d_o, *grads)
 
 
-def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None):
+def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None,
+                   inputs_mixed: bool = False):
     """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`; into ``acts`` if given):
     with ``keep`` every ``H_j`` (``[n, c, D]``, for the backward; into ``out`` if given), else the last
-    one (``[c, D]``, one buffer in place)."""
+    one (``[c, D]``, one buffer in place); ``inputs_mixed``: ``out`` holds every ``H_j`` already
+    (:func:`_mixed_inputs`)."""
     n, c, dim = xa.shape
     xs, xbs = Rows(xa, dtype), Rows(xb, dtype) if xb is not None else None
     new = dict(dtype=dtype, device=xa.device)
@@ -260,7 +292,8 @@ def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bo
     steps = h_l.unbind(0)  # one view per step: step_input tells "in place" by identity
     for j in range(n):
         h, prev = (steps[j], steps[j - 1] if j else None) if keep else (steps[0], steps[0] if j else None)
-        _adapter_step(tw, xs, xbs, j, prev, h, h if keep else mix, downs_t[j], ss[j], ks[j], acts, r)
+        _adapter_step(tw, None if inputs_mixed else xs, xbs, j, prev, h, h if keep else mix, downs_t[j], ss[j],
+                      ks[j], acts, r)
     return (h_l if keep else h_l[0]), acts
 
 
@@ -271,46 +304,83 @@ def transposed(weights) -> list:
 
 
 def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down_t, s, k, acts, r: int) -> None:
-    """Step ``j``: ``H_j`` into ``h`` (from ``prev``, ``H_{j-1}``, which may be ``h``: in place) and
-    ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its columns of ``acts``;
-    ``down_t``: ``W_down_j^T`` (:func:`transposed`)."""
-    tw.step_input(xs, xbs, j, prev, out=h, mix=mix)
+    """Step ``j``: ``H_j`` into ``h`` (from ``prev``, ``H_{j-1}``, which may be ``h``: in place; ``xs``
+    None: ``h`` holds it already) and ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its
+    columns of ``acts``; ``down_t``: ``W_down_j^T`` (:func:`transposed`)."""
+    if xs is not None:
+        tw.step_input(xs, xbs, j, prev, out=h, mix=mix)
     pre = torch.addmm(s, h, down_t)
     if j:
         pre.addmm_(acts[:, : j * r], k)
     torch.clamp_min(pre, 0.0, out=acts[:, j * r:(j + 1) * r])
 
 
-def _gate_dots(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs) -> list:
-    """The gate gradients' dot products, chunk by chunk and per step (last first): with
-    ``dH_j = dL/dH_j`` (``[c, D]``, in place: ``dH_j = beta_{j+1} dH_{j+1} + dL/dpre_j W_down_j``), intra
-    ``(<dH_j, h_j>, <dH_j, H_{j-1}>)``, inter ``(<dH_j, xb_j>, <dH_j, xa_j>)``."""
-    n, dots = xa.size(0), []
-    for s in range(0, xa.size(1), chunk):
-        dh = dy[s:s + chunk] @ out_w
+def _mixed_inputs(tw: "Tower", xa, xb, h_all) -> bool:
+    """Every step's ``H_j`` at once into ``h_all`` (``[n, M, D]``), as ``C_a xa (+ C_b xb)`` over the
+    flattened rows (:meth:`Tower.mixing`): one matmul with ``n`` (inter: ``2 n``) as its inner size, a
+    single pass over the inputs where the step-by-step ``lerp`` / ``add`` reads the previous ``H`` again
+    at every step. Needs the rows contiguous in the compute dtype (a training step's gathered rows);
+    returns False (nothing written) otherwise. An inter tower's rows of A and B gathered into one
+    buffer, B's right after A's (:meth:`.states.CachedStates.rows_first`), are one ``[n, 2 n]`` matmul."""
+    xs = [x for x in (xa, xb) if x is not None]
+    if any(x.dtype != h_all.dtype or not x.is_contiguous() for x in xs):
+        return False
+    n, flat = h_all.size(0), h_all.view(h_all.size(0), -1)
+    ca, cb = tw.mixing(h_all)
+    if xb is None:
+        torch.mm(ca, xa.view(n, -1), out=flat)
+    elif xb.untyped_storage().data_ptr() == xa.untyped_storage().data_ptr() and \
+            xb.data_ptr() == xa.data_ptr() + xa.numel() * xa.element_size():
+        torch.mm(torch.cat([ca, cb], dim=1), xa.as_strided((2 * n, flat.size(1)), (flat.size(1), 1)), out=flat)
+    else:
+        torch.mm(ca, xa.view(n, -1), out=flat).addmm_(cb, xb.view(n, -1))
+    return True
+
+
+def _gate_grads(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs, own: list, last) -> torch.Tensor:
+    """``dL/dg`` (``[n]``). With ``dH_j = dL/dH_j`` (``dH_{n-1} = dy E + dL/dpre_{n-1} W_down_{n-1}``,
+    ``dH_j = beta_{j+1} dH_{j+1} + dL/dpre_j W_down_j``), ``D``-wide, chunk by chunk and in place, a gate
+    needs ``dH_j`` against the difference it weighs: intra ``<dH_j, h_j - H_{j-1}>``, inter
+    ``<dH_j, xb_j - xa_j>``. Of the inner products that takes, ``P_j = <dH_j, H_j>`` comes from ``r``-wide
+    ones: ``own[j] = <dL/dpre_j, H_j W_down_j^T>`` and ``last = <dy, H_{n-1} E^T>`` give
+    ``P_{n-1} = last + own[n-1]``, ``P_j = beta_{j+1} Q_{j+1} + own[j]``, so a step reads ``D``-wide
+    ``Q_j = <dH_j, H_{j-1}>`` and, where dividing by a gate could lose precision, one input:
+    intra (``H_j - H_{j-1} = g_j (h_j - H_{j-1})``) ``(P_j - Q_j) / g_j`` if ``g_j >= 1/4``, else
+    ``<dH_j, h_j> - Q_j``; inter (``H_j - H_{j-1} = xa_j + g_j (xb_j - xa_j)``) ``(P_j - Q_j - <dH_j, xa_j>) / g_j``
+    if ``g_j >= 1/2``, else ``(<dH_j, xb_j> - P_j + Q_j) / (1 - g_j)``."""
+    n, g, intra = h_all.size(0), tw.values, tw.kind == "intra"
+    beta = tw.keep if intra else [1.0] * n
+    reads = [("a" if g[j] < 0.25 else None) if intra else ("a" if g[j] >= 0.5 else "b") for j in range(n)]
+    q_dots, x_dots = [[] for _ in range(n)], [[] for _ in range(n)]
+    for s in range(0, h_all.size(1), chunk):
+        rows = slice(s, s + chunk)
+        dh = dy[rows] @ out_w
         flat, scale = dh.view(-1), 1.0
-        xs = Rows(xa[:, s:s + chunk], dh.dtype)
-        xbs = Rows(xb[:, s:s + chunk], dh.dtype) if xb is not None else None
+        inputs = {"a": Rows(xa[:, rows], dh.dtype), "b": Rows(xb[:, rows], dh.dtype) if xb is not None else None}
         for j in reversed(range(n)):
-            dh.addmm_(gps[j][s:s + chunk], downs[j], beta=scale)
-            if tw.kind == "intra":
-                dots += [flat.dot(xs[j].view(-1)), flat.dot(h_all[j - 1, s:s + chunk].view(-1)) if j else dh.new_zeros(())]
-                scale = tw.keep[j]
-            else:
-                dots += [flat.dot(xbs[j].view(-1)), flat.dot(xs[j].view(-1))]
-    return dots
-
-
-def _gate_grads(tw: Tower, dots: list) -> torch.Tensor:
-    """dL/dg_j summed over the chunks: intra ``<dH_j, h_j - H_{j-1}>``, inter ``<dH_j, xb_j - xa_j>``."""
-    d = torch.stack(dots).view(-1, tw.n, 2)  # [chunks, steps (last first), (plus, minus)]
-    return (d[..., 0] - d[..., 1]).sum(0).flip(0)
+            dh.addmm_(gps[j][rows], downs[j], beta=scale)
+            if j:
+                q_dots[j].append(flat.dot(h_all[j - 1, rows].reshape(-1)))
+            if reads[j] is not None:
+                x_dots[j].append(flat.dot(inputs[reads[j]][j].view(-1)))
+            scale = beta[j]
+    zero = dy.new_zeros(())
+    q = [torch.stack(d).sum() if d else zero for d in q_dots]
+    x = [torch.stack(d).sum() if d else zero for d in x_dots]
+    dg, p = [None] * n, None
+    for j in reversed(range(n)):
+        p = own[j] + (last if j == n - 1 else beta[j + 1] * q[j + 1])  # P_j
+        if intra:
+            dg[j] = x[j] - q[j] if reads[j] else (p - q[j]) / g[j]
+        else:
+            dg[j] = (p - q[j] - x[j]) / g[j] if reads[j] == "a" else (x[j] - p + q[j]) / (1.0 - g[j])
+    return torch.stack(dg)
 
 
 # items per pass (results/speed/step_speed.md measures the alternatives):
 CHUNK = 256  # without gradients (the item table): a step's buffers stay in the core's cache
 TRAIN_CHUNK = 1 << 30  # a training step's forward: all its items in one pass (fewer, larger matmuls)
-GATE_CHUNK = 128  # the gates' D-wide backward: dL/dH_j ([c, D]) stays in the core's L2
+GATE_CHUNK = 128  # the gated backward's passes: dL/dH_j and H_j ([c, D] each) stay in the core's L2
 LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/step_speed.py measures both)
 
 
