@@ -237,7 +237,7 @@ class TowerFunction(torch.autograd.Function):
         shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
         h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
         acts = out_w.new_empty(m, n * r)
-        mixed = chunk >= m and _mixed_inputs(tw, xa, xb, h_all)
+        mixed = MIX and chunk >= m and _mixed_inputs(tw, xa, xb, h_all)
         for s in range(0, m, chunk):
             _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
                            downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk],
@@ -382,6 +382,7 @@ CHUNK = 256  # without gradients (the item table): a step's buffers stay in the 
 TRAIN_CHUNK = 1 << 30  # a training step's forward: all its items in one pass (fewer, larger matmuls)
 GATE_CHUNK = 128  # the gated backward's passes: dL/dH_j and H_j ([c, D] each) stay in the core's L2
 LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/step_speed.py measures both)
+MIX = True  # a training step forms every step's H in one matmul (_mixed_inputs; step_speed.py measures both)
 
 
 def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Optional[torch.Tensor],
