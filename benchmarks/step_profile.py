@@ -42,7 +42,6 @@ PARTS = [
     (fused.AdapterTerms, "forward", "weights-only products of the adapters (forward)", False),
     (fused.AdapterTerms, "backward", "weights-only products of the adapters (backward)", False),
     (fused.TowerFunction, "forward", "towers, forward", False),
-    (fused, "_mixed_inputs", "of which (in the towers' forward): every step's H at once (the mixing matmuls)", True),
     (fused.TowerFunction, "backward", "towers, backward", False),
     (fused, "_gate_grads", "of which (in the towers' backward): the gates' D-wide part and inner products", True),
 ]

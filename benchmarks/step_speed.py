@@ -108,12 +108,11 @@ def variants(model, train: bool) -> dict:
 
     pool = model.side._tower_buffers
 
-    def kernel(name, chunk=None, gate_chunk=None, buffers=True, mix=True):
+    def kernel(name, chunk=None, gate_chunk=None, buffers=True):
         def setup():
             lev.restore_side(model)
             lev.set_kernel(model, name)
             fused.CHUNK, fused.TRAIN_CHUNK, fused.GATE_CHUNK = DEFAULT_CHUNKS
-            fused.MIX = mix
             fused.GATE_CHUNK = gate_chunk or fused.GATE_CHUNK
             if chunk:  # the pass size of the path measured: a training step's forward or the item table
                 setattr(fused, "TRAIN_CHUNK" if train else "CHUNK", chunk)
@@ -132,9 +131,8 @@ def variants(model, train: bool) -> dict:
     }
     if train:
         out.update({
-            "fused, without the mixing matmul (H step by step)": kernel("fused", mix=False),
-            "fused, forward in chunks of 256 (H step by step)": kernel("fused", 256),
-            "fused, forward in chunks of 128 (H step by step)": kernel("fused", 128),
+            "fused, forward in chunks of 256": kernel("fused", 256),
+            "fused, forward in chunks of 128": kernel("fused", 128),
             "fused, gates' backward in chunks of 256": kernel("fused", gate_chunk=256),
             "fused, without reused H buffers": kernel("fused", buffers=False),
         })

@@ -111,19 +111,9 @@ CASES = {
 }
 
 
-def gathered(h_a: torch.Tensor, h_b: torch.Tensor, one_buffer: bool):
-    """The states as a training step hands them to the side network: rows first, contiguous (B's rows
-    right after A's in one buffer when ``one_buffer``, as ``CachedStates.rows_first`` gathers them)."""
-    if one_buffer and h_a.size(2) == h_b.size(2):  # (widths that differ: two buffers, as there)
-        both = torch.cat([h_a.transpose(0, 1), h_b.transpose(0, 1)]).contiguous()
-        return both[: h_a.size(1)], both[h_a.size(1):]
-    return h_a.transpose(0, 1).contiguous(), h_b.transpose(0, 1).contiguous()
-
-
-LAYOUTS = {  # how the side network receives the states: as modules do, or gathered (one or two buffers)
+LAYOUTS = {  # how the side network receives the states: as the modules do, or as a training step gathers them
     "[M, n, D]": None,
-    "rows first": lambda a, b: gathered(a, b, False),
-    "rows first, one buffer": lambda a, b: gathered(a, b, True),
+    "rows first": lambda a, b: (a.transpose(0, 1).contiguous(), b.transpose(0, 1).contiguous()),
 }
 
 

@@ -19,8 +19,6 @@ path to ~1e-6 relative, and to 1e-10 in fp64: ``tests/test_fused.py``):
 - a tower reads its states rows-first (``[n_rows, M, D]``): a training step gathers its items' rows
   once into contiguous fp32 (:func:`.states.gather_rows_first`), the item table reads the cache in
   place and converts each row to fp32 into one scratch buffer as it is needed (:class:`Rows`);
-- a training step forms every step's ``H_j`` (a linear combination of the inputs, through the
-  gates) at once, as one matmul over the flattened rows (:func:`_mixed_inputs`), not step by step;
 - the backward runs the ``r``-wide part (``dL/dpre_j``, step by step) over all items at once, and
   from it every weight gradient as one matmul; the ``D``-wide ``dL/dH_j``, which only the gates
   need, runs chunk by chunk, and of the inner products they take, those with ``H_j`` itself come
@@ -33,7 +31,6 @@ path to ~1e-6 relative, and to 1e-10 in fp64: ``tests/test_fused.py``):
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -72,24 +69,6 @@ class Tower:
         self.g = g.unbind() if g is not None else None
         self.values = g.tolist() if g is not None else None  # g_j as floats
         self.keep = (1.0 - g).tolist() if g is not None else None  # 1 - g_j as floats (addmm's beta)
-
-    def mixing(self, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(C_a [n, n], C_b [n, n] or None)`` with ``H_j = sum_k C_a[j, k] xa_k (+ C_b[j, k] xb_k)``:
-        every step's ``H`` is a linear combination of the inputs (:func:`_mixed_inputs`). Intra
-        ``C_a[j, k] = g_k (1 - g_{k+1}) .. (1 - g_j)`` (``add``: 1), inter ``C_a[j, k] = 1 - g_k``,
-        ``C_b[j, k] = g_k`` (``add``: 1), for ``k <= j``."""
-        n, g = self.n, self.values
-        ca, cb = [[0.0] * n for _ in range(n)], [[0.0] * n for _ in range(n)]
-        for j in range(n):
-            for k in range(j + 1):
-                if g is None:
-                    ca[j][k] = cb[j][k] = 1.0
-                elif self.kind == "inter":
-                    ca[j][k], cb[j][k] = 1.0 - g[k], g[k]
-                else:
-                    ca[j][k] = g[k] * math.prod(1.0 - g[i] for i in range(k + 1, j + 1))
-        new = dict(dtype=like.dtype, device=like.device)
-        return torch.tensor(ca, **new), (torch.tensor(cb, **new) if self.kind == "inter" else None)
 
     def step_input(self, xa, xb, j: int, z: Optional[torch.Tensor], out: torch.Tensor, mix=None) -> torch.Tensor:
         """``H_j`` (:class:`TowerFunction`) into ``out`` (which may be ``z``, the previous one: in place;
@@ -237,11 +216,9 @@ class TowerFunction(torch.autograd.Function):
         shape = (n, m, xa.size(2))  # every step's H for the backward: the largest tensor of a step
         h_all = buffers.take(shape, out_w.dtype, xa.device) if buffers is not None else out_w.new_empty(shape)
         acts = out_w.new_empty(m, n * r)
-        mixed = MIX and chunk >= m and _mixed_inputs(tw, xa, xb, h_all)
         for s in range(0, m, chunk):
             _chunk_forward(tw, xa[:, s:s + chunk], xb[:, s:s + chunk] if xb is not None else None,
-                           downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk],
-                           inputs_mixed=mixed)
+                           downs_t, ss, ks, r, out_w.dtype, out=h_all[:, s:s + chunk], acts=acts[s:s + chunk])
         ye = torch.mm(h_all[-1], out_w.t())  # H_{n-1} E^T: the gates' backward needs it (_gate_grads)
         y = torch.addmm(ye, acts, o_mat)
         ctx.tower, ctx.n = tw, n
@@ -272,17 +249,15 @@ class TowerFunction(torch.autograd.Function):
         if tw.g is not None:
             own = [gps[j].view(-1).dot(acts[:, j * r:(j + 1) * r].reshape(-1)) - d_ss[j].dot(ss[j])
                    - d_ks[j].view(-1).dot(ks[j].reshape(-1)) for j in range(n)]  # <dL/dpre_j, H_j W_down_j^T>
-            dg = _gate_grads(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs, own, dy.view(-1).dot(ye.view(-1)))
+            dg = _gate_grads(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs, own, dy.reshape(-1).dot(ye.view(-1)))
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, None, dg, d_out, d_o, *grads)
 
 
-def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None,
-                   inputs_mixed: bool = False):
+def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bool = True, out=None, acts=None):
     """One chunk's ``H`` and activations ``[c, n r]`` (:class:`TowerFunction`; into ``acts`` if given):
     with ``keep`` every ``H_j`` (``[n, c, D]``, for the backward; into ``out`` if given), else the last
-    one (``[c, D]``, one buffer in place); ``inputs_mixed``: ``out`` holds every ``H_j`` already
-    (:func:`_mixed_inputs`)."""
+    one (``[c, D]``, one buffer in place)."""
     n, c, dim = xa.shape
     xs, xbs = Rows(xa, dtype), Rows(xb, dtype) if xb is not None else None
     new = dict(dtype=dtype, device=xa.device)
@@ -292,8 +267,7 @@ def _chunk_forward(tw: "Tower", xa, xb, downs_t, ss, ks, r: int, dtype, keep: bo
     steps = h_l.unbind(0)  # one view per step: step_input tells "in place" by identity
     for j in range(n):
         h, prev = (steps[j], steps[j - 1] if j else None) if keep else (steps[0], steps[0] if j else None)
-        _adapter_step(tw, None if inputs_mixed else xs, xbs, j, prev, h, h if keep else mix, downs_t[j], ss[j],
-                      ks[j], acts, r)
+        _adapter_step(tw, xs, xbs, j, prev, h, h if keep else mix, downs_t[j], ss[j], ks[j], acts, r)
     return (h_l if keep else h_l[0]), acts
 
 
@@ -304,37 +278,14 @@ def transposed(weights) -> list:
 
 
 def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down_t, s, k, acts, r: int) -> None:
-    """Step ``j``: ``H_j`` into ``h`` (from ``prev``, ``H_{j-1}``, which may be ``h``: in place; ``xs``
-    None: ``h`` holds it already) and ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its
-    columns of ``acts``; ``down_t``: ``W_down_j^T`` (:func:`transposed`)."""
-    if xs is not None:
-        tw.step_input(xs, xbs, j, prev, out=h, mix=mix)
+    """Step ``j``: ``H_j`` into ``h`` (from ``prev``, ``H_{j-1}``, which may be ``h``: in place) and
+    ``a_j = relu(H_j W_down_j^T + [a_0 .. a_{j-1}] K_j + s_j)`` into its columns of ``acts``;
+    ``down_t``: ``W_down_j^T`` (:func:`transposed`)."""
+    tw.step_input(xs, xbs, j, prev, out=h, mix=mix)
     pre = torch.addmm(s, h, down_t)
     if j:
         pre.addmm_(acts[:, : j * r], k)
     torch.clamp_min(pre, 0.0, out=acts[:, j * r:(j + 1) * r])
-
-
-def _mixed_inputs(tw: "Tower", xa, xb, h_all) -> bool:
-    """Every step's ``H_j`` at once into ``h_all`` (``[n, M, D]``), as ``C_a xa (+ C_b xb)`` over the
-    flattened rows (:meth:`Tower.mixing`): one matmul with ``n`` (inter: ``2 n``) as its inner size, a
-    single pass over the inputs where the step-by-step ``lerp`` / ``add`` reads the previous ``H`` again
-    at every step. Needs the rows contiguous in the compute dtype (a training step's gathered rows);
-    returns False (nothing written) otherwise. An inter tower's rows of A and B gathered into one
-    buffer, B's right after A's (:meth:`.states.CachedStates.rows_first`), are one ``[n, 2 n]`` matmul."""
-    xs = [x for x in (xa, xb) if x is not None]
-    if any(x.dtype != h_all.dtype or not x.is_contiguous() for x in xs):
-        return False
-    n, flat = h_all.size(0), h_all.view(h_all.size(0), -1)
-    ca, cb = tw.mixing(h_all)
-    if xb is None:
-        torch.mm(ca, xa.view(n, -1), out=flat)
-    elif xb.untyped_storage().data_ptr() == xa.untyped_storage().data_ptr() and \
-            xb.data_ptr() == xa.data_ptr() + xa.numel() * xa.element_size():
-        torch.mm(torch.cat([ca, cb], dim=1), xa.as_strided((2 * n, flat.size(1)), (flat.size(1), 1)), out=flat)
-    else:
-        torch.mm(ca, xa.view(n, -1), out=flat).addmm_(cb, xb.view(n, -1))
-    return True
 
 
 def _gate_grads(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs, own: list, last) -> torch.Tensor:
@@ -356,7 +307,7 @@ def _gate_grads(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs, o
         rows = slice(s, s + chunk)
         dh = dy[rows] @ out_w
         flat, scale = dh.view(-1), 1.0
-        inputs = {"a": Rows(xa[:, rows], dh.dtype), "b": Rows(xb[:, rows], dh.dtype) if xb is not None else None}
+        inputs = {k: Rows((xa if k == "a" else xb)[:, rows], dh.dtype) for k in set(reads) if k is not None}
         for j in reversed(range(n)):
             dh.addmm_(gps[j][rows], downs[j], beta=scale)
             if j:
@@ -380,9 +331,8 @@ def _gate_grads(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs, o
 # items per pass (results/speed/step_speed.md measures the alternatives):
 CHUNK = 256  # without gradients (the item table): a step's buffers stay in the core's cache
 TRAIN_CHUNK = 1 << 30  # a training step's forward: all its items in one pass (fewer, larger matmuls)
-GATE_CHUNK = 128  # the gated backward's passes: dL/dH_j and H_j ([c, D] each) stay in the core's L2
+GATE_CHUNK = 128  # the gates' D-wide backward: dL/dH_j ([c, D]) stays in the core's L2
 LOCKSTEP = True  # the evaluation's towers step by step together (benchmarks/step_speed.py measures both)
-MIX = True  # a training step forms every step's H in one matmul (_mixed_inputs; step_speed.py measures both)
 
 
 def run_tower(kind: str, xa: torch.Tensor, xb: Optional[torch.Tensor], g: Optional[torch.Tensor],

@@ -39,22 +39,18 @@ def standardize_states(states: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return out
 
 
-def gather_rows_first(states, ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+def gather_rows_first(states: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype = torch.float32,
                       buffers: Optional["ReusedBuffers"] = None) -> torch.Tensor:
     """``states[ids].transpose(0, 1)`` as a contiguous ``[n, M, D]`` tensor of ``dtype``: one gather
     and one conversion per row (``results/speed/step_speed.md``: cheaper than gathering ``[M, n, D]``
     and converting each strided row when the towers read it, in the forward and again in the
-    backward), written into a buffer of ``buffers`` when one is free. ``states``: one ``[N, n, D]``
-    tensor or several of equal ``D``, whose rows follow each other in the result (``n`` their sum)."""
-    parts = [states] if isinstance(states, torch.Tensor) else list(states)
-    n, dim = sum(p.size(1) for p in parts), parts[0].size(2)
+    backward), written into a buffer of ``buffers`` when one is free."""
+    n, dim = states.size(1), states.size(2)
     shape = (n, ids.numel(), dim)
-    out = buffers.take(shape, dtype, parts[0].device) if buffers is not None else \
-        torch.empty(shape, dtype=dtype, device=parts[0].device)
-    rows = iter(out.unbind(0))
-    for p in parts:
-        for j in range(p.size(1)):
-            next(rows).copy_(p[:, j].index_select(0, ids))
+    out = buffers.take(shape, dtype, states.device) if buffers is not None else \
+        torch.empty(shape, dtype=dtype, device=states.device)
+    for j in range(n):
+        out[j].copy_(states[:, j].index_select(0, ids))
     return out
 
 
@@ -106,13 +102,8 @@ class CachedStates(nn.Module):
         reads it)."""
         if isinstance(ids, slice):
             return self.states_a[ids].transpose(0, 1), self.states_b[ids].transpose(0, 1)
-        a, b = self.states_a, self.states_b
-        if a.size(2) != b.size(2):
-            return (gather_rows_first(a, ids, buffers=self._row_buffers),
-                    gather_rows_first(b, ids, buffers=self._row_buffers))
-        # one buffer, B's rows right after A's: the inter tower mixes both in one matmul (fused._mixed_inputs)
-        both = gather_rows_first((a, b), ids, buffers=self._row_buffers)
-        return both[: a.size(1)], both[a.size(1):]
+        return (gather_rows_first(self.states_a, ids, buffers=self._row_buffers),
+                gather_rows_first(self.states_b, ids, buffers=self._row_buffers))
 
     def key(self) -> tuple:
         return (self.states_a.data_ptr(), self.states_b.data_ptr())
