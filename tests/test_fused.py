@@ -171,6 +171,32 @@ def test_the_item_table_path_matches_the_reference(case, lockstep, monkeypatch):
     assert rel(ref, out) < 1e-5
 
 
+GATE_SETTINGS = {  # theta / temperature: gates of 0.02 and 0.98 (the backward divides by g or 1 - g, or not)
+    "all near 0": [-0.4],
+    "all near 1": [0.4],
+    "alternating": [-0.4, 0.4],
+    "at the switch points (1/4, 1/2)": [-0.1098612, 0.0],
+}
+
+
+@pytest.mark.parametrize("gates", list(GATE_SETTINGS))
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_gate_gradients_at_extreme_gates(gates, dtype, tol):
+    """The gates' gradients take some inner products from bottleneck-wide ones and divide by ``g`` or
+    ``1 - g`` where that keeps precision (fused._gate_grads): gates near 0 and 1 against the reference."""
+    side = make_side(dtype)
+    with torch.no_grad():
+        for name, p in side.named_parameters():
+            if "theta" in name:
+                values = GATE_SETTINGS[gates]
+                p.copy_(torch.tensor([values[i % len(values)] for i in range(p.numel())], dtype=dtype))
+    h_a, h_b = states(side, 200, dtype)
+    ref, ref_grads = outputs_and_grads(side, lambda a, b: reference_side(side, a, b), h_a, h_b)
+    _, grads = outputs_and_grads(side, side_on(side, "rows first"), h_a, h_b)
+    for name in ref_grads:
+        assert rel(ref_grads[name], grads[name]) < tol, name
+
+
 def test_no_grad_path_equals_the_training_path():
     side = make_side()
     h_a, h_b = states(side, 200)
