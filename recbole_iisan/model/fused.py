@@ -247,8 +247,11 @@ class TowerFunction(torch.autograd.Function):
         d_out, d_downs = dy.t() @ h_all[-1], [gp.t() @ h_all[j] for j, gp in enumerate(gps)]
         dg = None
         if tw.g is not None:
-            own = [gps[j].view(-1).dot(acts[:, j * r:(j + 1) * r].reshape(-1)) - d_ss[j].dot(ss[j])
-                   - d_ks[j].view(-1).dot(ks[j].reshape(-1)) for j in range(n)]  # <dL/dpre_j, H_j W_down_j^T>
+            # <dL/dpre_j, a_j> for every j at once: d_acts' block j is final once step j ran, and where the
+            # ReLU is off a_j is 0, so <dL/da_j, a_j> is the same sum (one pass, no copy of acts' columns)
+            pre_a = (d_acts * acts).view(acts.size(0), n, r).sum((0, 2))
+            own = [pre_a[j] - d_ss[j].dot(ss[j]) - d_ks[j].view(-1).dot(ks[j].reshape(-1))
+                   for j in range(n)]  # <dL/dpre_j, H_j W_down_j^T>
             dg = _gate_grads(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs, own, dy.reshape(-1).dot(ye.view(-1)))
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, None, dg, d_out, d_o, *grads)
