@@ -110,16 +110,15 @@ def adapter_terms(kind: str, g: Optional[torch.Tensor], blocks, out_w: torch.Ten
 
 
 def _coefficients(n: int, beta: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """``C [n + 1, n]``: ``C[j, k] = c_jk`` for ``k < j`` (:func:`adapter_terms`), 0 elsewhere."""
+    """``C [n + 1, n]``: ``C[j, k] = c_jk`` for ``k < j`` (:func:`adapter_terms`), 0 elsewhere: the product of
+    ``beta_m`` over ``k < m <= min(j, n - 1)``, for every ``(j, k)`` at once (one ``prod`` over ``m``)."""
+    lower = torch.ones(n + 1, n, dtype=like.dtype, device=like.device).tril(-1)
     if beta is None:
-        return torch.ones(n + 1, n, dtype=like.dtype, device=like.device).tril(-1)
-    rows, row = [beta.new_zeros(n)], beta.new_zeros(0)
-    for j in range(1, n + 1):
-        row = torch.cat([row, beta.new_ones(1)])
-        if j < n:
-            row = row * beta[j]
-        rows.append(torch.cat([row, beta.new_zeros(n - j)]))
-    return torch.stack(rows)
+        return lower
+    j, k, m = (torch.arange(n + 1, device=like.device)[:, None, None], torch.arange(n, device=like.device)[None, :, None],
+               torch.arange(n, device=like.device)[None, None, :])
+    inside = (m > k) & (m <= j.clamp_max(n - 1))  # [n + 1, n, n]
+    return torch.where(inside, beta, beta.new_ones(())).prod(-1) * lower
 
 
 class AdapterTerms(torch.autograd.Function):
@@ -135,10 +134,13 @@ class AdapterTerms(torch.autograd.Function):
     def forward(ctx, r, coefs, out_w, *flat):
         n = len(flat) // 4
         downs, b_downs = flat[0::4], flat[1::4]
-        ups_t = torch.cat(flat[2::4], dim=1).t()  # [n r, D], a view of the [D, n r] copy
+        ups = torch.cat(flat[2::4], dim=1)  # [D, n r]
+        ups_t = ups.t()
         b_ups = torch.stack(flat[3::4])  # [n, D]
         v = coefs @ b_ups  # [n + 1, D]
-        raws = [ups_t[: j * r] @ downs[j].t() for j in range(1, n)] + [ups_t @ out_w.t()]
+        # each product as the transpose of W @ U (a [r, j r] result): MKL runs it faster than U^T W^T (both
+        # operands transposed) on one thread
+        raws = [(downs[j] @ ups[:, : j * r]).t() for j in range(1, n)] + [(out_w @ ups).t()]
         scaled = [m * _blockwise(coefs[j, :j], r) for j, m in enumerate(raws, start=1)]
         s = [b_downs[0].clone()] + [torch.addmv(b_downs[j], downs[j], v[j]) for j in range(1, n)]
         ctx.r, ctx.n = r, n
@@ -158,7 +160,7 @@ class AdapterTerms(torch.autograd.Function):
                 d_raws.append(torch.zeros_like(raw))
                 continue
             if ctx.needs_input_grad[1]:  # the gates' share (no gates: C is a constant)
-                d_coefs[j, :j] = (dm * raw).view(j, -1).sum(1)
+                d_coefs[j, :j] = (dm * raw).sum(1).view(j, r).sum(1)
             d_raws.append(dm * _blockwise(coefs[j, :j], r))
         d_bdowns = [d if d is not None else w.new_zeros(r) for d, w in zip(d_s, downs)]
         d_downs = [None]
@@ -234,7 +236,7 @@ class TowerFunction(torch.autograd.Function):
         xa, xb, out_w, o_mat, h_all, acts, ye, *flat = ctx.saved_tensors
         downs, ss, ks = flat[0::3], flat[1::3], flat[2::3]
         r = downs[0].size(0)
-        d_o = acts.t() @ dy
+        d_o = (dy.t() @ acts).t()  # the K = M reductions as transposed [r, j r] products (as in AdapterTerms)
         d_acts = dy @ o_mat.t()  # dL/d[a_0 .. a_{n-1}], completed step by step (last first)
         gps, d_ss, d_ks = [None] * n, [None] * n, [torch.empty_like(ks[0])] + [None] * (n - 1)
         for j in reversed(range(n)):
@@ -242,17 +244,20 @@ class TowerFunction(torch.autograd.Function):
             gp = gps[j] = torch.ops.aten.threshold_backward(d_acts[:, cols], acts[:, cols], 0.0)  # dL/dpre_j
             d_ss[j] = gp.sum(0)
             if j:
-                d_ks[j] = acts[:, : j * r].t() @ gp
+                d_ks[j] = (gp.t() @ acts[:, : j * r]).t()
                 d_acts[:, : j * r].addmm_(gp, ks[j].t())
-        d_out, d_downs = dy.t() @ h_all[-1], [gp.t() @ h_all[j] for j, gp in enumerate(gps)]
+        # dL/dE and dL/dW_down_{n-1} in one product over H_{n-1} (one read of it)
+        last_in = torch.cat([dy, gps[-1]], dim=1)  # [M, d + r]
+        both = last_in.t() @ h_all[-1]
+        d_out, d_downs = both[: dy.size(1)], [gp.t() @ h_all[j] for j, gp in enumerate(gps[:-1])] + [both[dy.size(1):]]
         dg = None
         if tw.g is not None:
             # <dL/dpre_j, a_j> for every j at once: d_acts' block j is final once step j ran, and where the
             # ReLU is off a_j is 0, so <dL/da_j, a_j> is the same sum (one pass, no copy of acts' columns)
             pre_a = (d_acts * acts).view(acts.size(0), n, r).sum((0, 2))
-            own = [pre_a[j] - d_ss[j].dot(ss[j]) - d_ks[j].view(-1).dot(ks[j].reshape(-1))
+            own = [pre_a[j] - d_ss[j].dot(ss[j]) - (d_ks[j] * ks[j]).sum()
                    for j in range(n)]  # <dL/dpre_j, H_j W_down_j^T>
-            dg = _gate_grads(tw, GATE_CHUNK, dy, out_w, xa, xb, h_all, gps, downs, own, dy.reshape(-1).dot(ye.view(-1)))
+            dg = _gate_grads(tw, GATE_CHUNK, last_in, out_w, xa, xb, h_all, gps, downs, own, dy.reshape(-1).dot(ye.view(-1)))
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, None, dg, d_out, d_o, *grads)
 
@@ -291,7 +296,7 @@ def _adapter_step(tw: "Tower", xs, xbs, j: int, prev, h, mix, down_t, s, k, acts
     torch.clamp_min(pre, 0.0, out=acts[:, j * r:(j + 1) * r])
 
 
-def _gate_grads(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs, own: list, last) -> torch.Tensor:
+def _gate_grads(tw: "Tower", chunk: int, last_in, out_w, xa, xb, h_all, gps, downs, own: list, last) -> torch.Tensor:
     """``dL/dg`` (``[n]``). With ``dH_j = dL/dH_j`` (``dH_{n-1} = dy E + dL/dpre_{n-1} W_down_{n-1}``,
     ``dH_j = beta_{j+1} dH_{j+1} + dL/dpre_j W_down_j``), ``D``-wide, chunk by chunk and in place, a gate
     needs ``dH_j`` against the difference it weighs: intra ``<dH_j, h_j - H_{j-1}>``, inter
@@ -306,19 +311,23 @@ def _gate_grads(tw: "Tower", chunk: int, dy, out_w, xa, xb, h_all, gps, downs, o
     beta = tw.keep if intra else [1.0] * n
     reads = [("a" if g[j] < 0.25 else None) if intra else ("a" if g[j] >= 0.5 else "b") for j in range(n)]
     q_dots, x_dots = [[] for _ in range(n)], [[] for _ in range(n)]
+    # dH_{n-1} = [dy, dL/dpre_{n-1}] [E; W_down_{n-1}] (``last_in``: [dy, dL/dpre_{n-1}]): one product per chunk
+    last_w = torch.cat([out_w, downs[n - 1]])
     for s in range(0, h_all.size(1), chunk):
         rows = slice(s, s + chunk)
-        dh = dy[rows] @ out_w
-        flat, scale = dh.view(-1), 1.0
+        dh = last_in[rows] @ last_w
+        flat = dh.view(-1)
         inputs = {k: Rows((xa if k == "a" else xb)[:, rows], dh.dtype) for k in set(reads) if k is not None}
         for j in reversed(range(n)):
-            dh.addmm_(gps[j][rows], downs[j], beta=scale)
+            if not j and reads[0] is None:  # dH_0 only ever meets an input
+                break
+            if j < n - 1:
+                dh.addmm_(gps[j][rows], downs[j], beta=beta[j + 1])
             if j:
                 q_dots[j].append(flat.dot(h_all[j - 1, rows].reshape(-1)))
             if reads[j] is not None:
                 x_dots[j].append(flat.dot(inputs[reads[j]][j].view(-1)))
-            scale = beta[j]
-    zero = dy.new_zeros(())
+    zero = last_in.new_zeros(())
     q = [torch.stack(d).sum() if d else zero for d in q_dots]
     x = [torch.stack(d).sum() if d else zero for d in x_dots]
     dg, p = [None] * n, None

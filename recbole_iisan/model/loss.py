@@ -108,7 +108,7 @@ def inbatch_softmax_loss(
     ids_flat = slots.reshape(-1)  # [N]
     emb = slot_emb.reshape(B * L1, -1).float()  # [N, d]
     q, rows_b, pos_col = _query_rows(query, item_seq_len, L1, positions)
-    logits = q.float() @ emb.t() - log_pop.float()[ids_flat][None, :]  # [R, N], fp32
+    logits = torch.addmm(log_pop.float()[ids_flat].neg()[None, :], q.float(), emb.t())  # [R, N], fp32
     # same[b, c]: the id of column c occurs among b's slots (this includes pad id 0 when b has pads).
     # Through the batch's distinct ids (U <= N): O(B*U + B*N) memory instead of O(B*(L+1)*N).
     _, inverse = torch.unique(ids_flat, return_inverse=True)
@@ -117,8 +117,7 @@ def inbatch_softmax_loss(
     same = member[:, inverse]  # [B, N]
     mask = same[rows_b] | (ids_flat == 0)[None, :]  # [R, N]
     mask[torch.arange(mask.size(0), device=mask.device), pos_col] = False
-    logits = logits.masked_fill(mask, float("-inf"))
-    return F.cross_entropy(logits, pos_col)
+    return F.cross_entropy(logits.masked_fill_(mask, float("-inf")), pos_col)
 
 
 def full_softmax_loss(
