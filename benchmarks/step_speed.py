@@ -16,7 +16,9 @@ authors' 13 stored; random cached states; IISANVS under the paper protocol):
   the authors' as ``data_utils/metrics.py`` computes them (256 items per ``mm_encoder`` call, 256 users
   per scoring batch; see ``benchmarks/authors_iisan.py``).
 
-Every variant runs once per round, rounds alternate (the machine's other load affects all alike);
+Every variant runs once per round, in an order shuffled every round (the machine's other load falls
+on all alike), a training variant twice in a row with the second step timed (as in training, after
+a step of the same model);
 the tables give the median CPU seconds (``time.process_time``, ``torch.set_num_threads(1)``), the
 ratios to today's code (``side_kernel: modules``) and to the authors', the largest relative
 difference of the loss, the gradients or the scores to today's (max |a - b| / max |a|), and the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import resource
 import statistics
 import sys
@@ -79,18 +82,28 @@ def user_windows(ids: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 class Bench:
-    """Alternating rounds of named callables; CPU seconds (user + system) and minor page faults
-    (first touches of fresh memory, each a trip through the kernel) per call."""
+    """Rounds of named callables, each round in its own shuffled order (seeded). With ``block`` > 1 a
+    variant runs ``block`` times in a row per round and only the last call is timed: the
+    step as it runs in training, after a step of the same model (a step that follows another variant's
+    pays for the caches and heap that one left behind: ~3% of a fused training step after the modules'
+    or the authors' step). CPU seconds (user + system) and minor page faults (first touches of fresh
+    memory, each a trip through the kernel) per timed call."""
 
-    def __init__(self):
+    def __init__(self, seed: int = 0):
         self.times: dict[str, list[float]] = {}
         self.faults: dict[str, list[int]] = {}
+        self.order = random.Random(seed)
 
-    def run(self, jobs: dict, rounds: int) -> None:
+    def run(self, jobs: dict, rounds: int, block: int = 1) -> None:
         for fn in jobs.values():
             fn()  # warm-up (and compilation)
         for _ in range(rounds):
-            for name, fn in jobs.items():
+            names = list(jobs)
+            self.order.shuffle(names)
+            for name in names:
+                fn = jobs[name]
+                for _ in range(block - 1):
+                    fn()  # the previous step of the same variant, untimed
                 f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
                 fn()
                 self.times.setdefault(name, []).append(time.process_time() - t0)
@@ -399,7 +412,7 @@ def main() -> None:
         if work in their:
             jobs["authors' code"] = their[work]
         bench.times = {}
-        bench.run(jobs, a.rounds)
+        bench.run(jobs, a.rounds, block=2)
         items = int(torch.unique(ids).numel())
         flops = flop_table(model, jobs, items, train=True)
         flops["authors' code"] = lev.side_flops(model.side, ids.numel(), True, folded=False)
@@ -458,7 +471,7 @@ def _header(a, t_compile: str) -> str:
         "# Training step and evaluation speed, lever by lever (benchmarks/step_speed.py)", "",
         "Command:", "", f"    {cmd}", "",
         f"{a.items:,} items, {a.rows} rows x {a.dim} per tower (the authors: 13 stored), batch {a.batch} windows of "
-        f"{L}, {a.eval_users:,} evaluation users; one thread, CPU seconds (median of {a.rounds} alternating rounds for training, {a.eval_rounds} for "
+        f"{L}, {a.eval_users:,} evaluation users; one thread, CPU seconds (median of {a.rounds} rounds in a shuffled order for training, each the second of two steps in a row, {a.eval_rounds} for "
         f"the evaluation); "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores.",
