@@ -115,8 +115,8 @@ def _coefficients(n: int, beta: Optional[torch.Tensor], like: torch.Tensor) -> t
     lower = torch.ones(n + 1, n, dtype=like.dtype, device=like.device).tril(-1)
     if beta is None:
         return lower
-    j, k, m = (torch.arange(n + 1, device=like.device)[:, None, None], torch.arange(n, device=like.device)[None, :, None],
-               torch.arange(n, device=like.device)[None, None, :])
+    idx = torch.arange(n + 1, device=like.device)
+    j, k, m = idx[:, None, None], idx[None, :n, None], idx[None, None, :n]
     inside = (m > k) & (m <= j.clamp_max(n - 1))  # [n + 1, n, n]
     return torch.where(inside, beta, beta.new_ones(())).prod(-1) * lower
 
@@ -257,7 +257,8 @@ class TowerFunction(torch.autograd.Function):
             pre_a = (d_acts * acts).view(acts.size(0), n, r).sum((0, 2))
             own = [pre_a[j] - d_ss[j].dot(ss[j]) - (d_ks[j] * ks[j]).sum()
                    for j in range(n)]  # <dL/dpre_j, H_j W_down_j^T>
-            dg = _gate_grads(tw, GATE_CHUNK, last_in, out_w, xa, xb, h_all, gps, downs, own, dy.reshape(-1).dot(ye.view(-1)))
+            last = dy.reshape(-1).dot(ye.view(-1))  # <dy, H_{n-1} E^T>
+            dg = _gate_grads(tw, GATE_CHUNK, last_in, out_w, xa, xb, h_all, gps, downs, own, last)
         grads = [t for j in range(n) for t in (d_downs[j], d_ss[j], d_ks[j])]
         return (None, None, None, None, None, None, dg, d_out, d_o, *grads)
 
@@ -318,9 +319,7 @@ def _gate_grads(tw: "Tower", chunk: int, last_in, out_w, xa, xb, h_all, gps, dow
         dh = last_in[rows] @ last_w
         flat = dh.view(-1)
         inputs = {k: Rows((xa if k == "a" else xb)[:, rows], dh.dtype) for k in set(reads) if k is not None}
-        for j in reversed(range(n)):
-            if not j and reads[0] is None:  # dH_0 only ever meets an input
-                break
+        for j in reversed(range(0 if reads[0] is not None else 1, n)):  # dH_0 only ever meets an input
             if j < n - 1:
                 dh.addmm_(gps[j][rows], downs[j], beta=beta[j + 1])
             if j:
