@@ -339,6 +339,20 @@ def decision(name: str, ratio_to_default: float, default: str) -> str:
     return f"faster than the default ({ratio_to_default:.2f}x)"
 
 
+def ratio_interval(times: list[float], base: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A ``level`` bootstrap interval of ``median(times) / median(base)``, the rounds resampled in pairs
+    (round i ran both: :func:`scipy.stats.bootstrap`, ``paired=True``, percentile, seed 0)."""
+    import numpy as np
+    from scipy import stats
+
+    def ratio(a, b, axis=-1):
+        return np.median(a, axis=axis) / np.median(b, axis=axis)
+    ci = stats.bootstrap((np.asarray(times), np.asarray(base)), ratio, paired=True, vectorized=True,
+                         confidence_level=level, n_resamples=9999, method="percentile",
+                         random_state=np.random.default_rng(0)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
 def rows_for(bench: Bench, work: str, names, today: str, authors_name, flops: dict, diffs: dict) -> list[dict]:
     rows = []
     t_today = bench.median(today)
@@ -346,8 +360,10 @@ def rows_for(bench: Bench, work: str, names, today: str, authors_name, flops: di
     default = next(n for n in names if n.startswith("fused (default)"))
     for name in names:
         t = bench.median(name)
+        ci = ratio_interval(bench.times[name], bench.times[authors_name]) if t_auth and name != authors_name else None
         rows.append({"work": work, "variant": name, "CPU s": f"{t:.3f}", "x today": f"{t / t_today:.2f}",
-                     "x authors": lev.maybe(t / t_auth if t_auth else None),
+                     "x authors": lev.maybe(t / t_auth if t_auth else None, "{:.3f}"),
+                     "95% interval": f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
                      "GFLOP/s": lev.maybe(flops.get(name, 0) / t / 1e9 if flops.get(name) else None, "{:.0f}"),
                      "page faults": f"{statistics.median(bench.faults[name]):,.0f}",
                      "max rel. diff vs today": f"{diffs[name]:.1e}" if name in diffs else "",
@@ -480,7 +496,9 @@ def _header(a, t_compile: str) -> str:
         "forward, x3 for a training step) per CPU second of the whole step (the user encoder, loss and optimizer "
         "are not counted); the fused kernel does less arithmetic than that (no up-projections), so its figure is "
         "an effective rate, not the machine's. Page faults: the median minor page faults per call (first writes "
-        "to fresh memory; their kernel time is part of the CPU seconds)."])
+        "to fresh memory; their kernel time is part of the CPU seconds). x authors: the ratio of the medians; "
+        "95% interval: its bootstrap interval over the rounds, each round's two times kept as a pair "
+        "(scipy.stats.bootstrap, paired, percentile; a ratio is below a bound when the whole interval is)."])
 
 
 if __name__ == "__main__":
