@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 import authors_iisan as authors  # noqa: E402
 import side_levers as lev  # noqa: E402
+from recbole_iisan.evaluator.significance import bootstrap_ci  # noqa: E402
 from recbole_iisan.model import fused  # noqa: E402
 
 L = 10
@@ -339,18 +340,10 @@ def decision(name: str, ratio_to_default: float, default: str) -> str:
     return f"faster than the default ({ratio_to_default:.2f}x)"
 
 
-def ratio_interval(times: list[float], base: list[float], level: float = 0.95) -> tuple[float, float]:
-    """A ``level`` bootstrap interval of ``median(times) / median(base)``, the rounds resampled in pairs
-    (round i ran both: :func:`scipy.stats.bootstrap`, ``paired=True``, percentile, seed 0)."""
+def ratio_of_medians(times, base, axis=-1):
     import numpy as np
-    from scipy import stats
 
-    def ratio(a, b, axis=-1):
-        return np.median(a, axis=axis) / np.median(b, axis=axis)
-    ci = stats.bootstrap((np.asarray(times), np.asarray(base)), ratio, paired=True, vectorized=True,
-                         confidence_level=level, n_resamples=9999, method="percentile",
-                         random_state=np.random.default_rng(0)).confidence_interval
-    return float(ci.low), float(ci.high)
+    return np.median(times, axis=axis) / np.median(base, axis=axis)
 
 
 def rows_for(bench: Bench, work: str, names, today: str, authors_name, flops: dict, diffs: dict) -> list[dict]:
@@ -360,7 +353,8 @@ def rows_for(bench: Bench, work: str, names, today: str, authors_name, flops: di
     default = next(n for n in names if n.startswith("fused (default)"))
     for name in names:
         t = bench.median(name)
-        ci = ratio_interval(bench.times[name], bench.times[authors_name]) if t_auth and name != authors_name else None
+        ci = (bootstrap_ci(bench.times[name], bench.times[authors_name], statistic=ratio_of_medians, method="percentile",
+                             n_resamples=9999) if t_auth and name != authors_name else None)
         rows.append({"work": work, "variant": name, "CPU s": f"{t:.3f}", "x today": f"{t / t_today:.2f}",
                      "x authors": lev.maybe(t / t_auth if t_auth else None, "{:.3f}"),
                      "95% interval": f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",

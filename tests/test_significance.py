@@ -56,6 +56,29 @@ def test_bootstrap_interval_agrees_with_a_plain_percentile_bootstrap() -> None:
     assert bootstrap_ci(d, seed=0) == (lo, hi)  # fixed resampling seed: the same interval every time
 
 
+def _ratio_of_medians(a, b, axis=-1):
+    return np.median(a, axis=axis) / np.median(b, axis=axis)
+
+
+def test_paired_samples_are_resampled_together() -> None:
+    # b is exactly twice a round by round: resampled in pairs, every resample's ratio is 0.5;
+    # resampled independently, the ratio would spread.
+    a = np.random.default_rng(4).lognormal(-2.0, 0.3, 30)
+    assert bootstrap_ci(a, 2 * a, statistic=_ratio_of_medians, method="percentile") == (0.5, 0.5)
+
+
+def test_paired_ratio_interval_agrees_with_a_plain_paired_percentile_bootstrap() -> None:
+    rng = np.random.default_rng(5)
+    base = rng.normal(0.23, 0.01, 30)
+    times = 0.47 * base + rng.normal(0.0, 0.004, 30)  # a round's two times move together
+    lo, hi = bootstrap_ci(times, base, statistic=_ratio_of_medians, method="percentile", n_resamples=9999)
+    idx = np.random.default_rng(321).integers(0, base.size, size=(20000, base.size))  # rounds drawn in pairs
+    plo, phi = np.percentile(_ratio_of_medians(times[idx], base[idx]), [2.5, 97.5])
+    width = phi - plo
+    assert abs(lo - plo) < 0.1 * width and abs(hi - phi) < 0.1 * width
+    assert lo < _ratio_of_medians(times, base) < hi
+
+
 def test_holm_by_hand() -> None:
     p = [0.01, 0.04, 0.03, 0.005]
     # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> running max 0.02, 0.03, 0.06, 0.06

@@ -39,19 +39,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def bootstrap_ci(diff: np.ndarray, confidence: float = 0.95, n_resamples: int = 10000,
-                 seed: int = 0) -> tuple[float, float]:
-    """Confidence interval of the mean of the paired differences ``diff`` (one per user), by
-    resampling users (:func:`scipy.stats.bootstrap`, BCa, ``seed`` fixed)."""
+def bootstrap_ci(*samples: np.ndarray, statistic=np.mean, confidence: float = 0.95, n_resamples: int = 10000,
+                 seed: int = 0, method: str = "BCa") -> tuple[float, float]:
+    """Confidence interval of ``statistic`` over paired ``samples`` (one value per user, or per
+    benchmark round, in each; the pairs resampled together), by :func:`scipy.stats.bootstrap`
+    (``method``, ``seed`` fixed). ``statistic(*samples, axis)`` is vectorised over ``axis``; the
+    default is the mean of one sample, e.g. the per-user differences of two models."""
     from scipy import stats
 
-    diff = np.asarray(diff, dtype=np.float64)
-    if diff.size == 0:
+    samples = tuple(np.asarray(x, dtype=np.float64) for x in samples)
+    if not samples or samples[0].size == 0:
         raise ValueError("bootstrap_ci of no users")
-    if np.ptp(diff) == 0:  # every resample has the same mean
-        return float(diff[0]), float(diff[0])
-    res = stats.bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                          method="BCa", random_state=np.random.default_rng(seed), batch=500, vectorized=True)
+    if all(np.ptp(x) == 0 for x in samples):  # every resample is the data itself
+        value = float(statistic(*samples, axis=-1))
+        return value, value
+    res = stats.bootstrap(samples, statistic, paired=len(samples) > 1, confidence_level=confidence,
+                          n_resamples=n_resamples, method=method, random_state=np.random.default_rng(seed),
+                          batch=500, vectorized=True)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -119,7 +123,7 @@ def compare_to_baseline(per_user: dict[str, np.ndarray], baseline: str, metric: 
         if values.shape != base.shape:
             raise ValueError(f"{model}: {values.shape[0]} users, {baseline}: {base.shape[0]}: not paired")
         diff = values - base
-        lo, hi = bootstrap_ci(diff, confidence, n_resamples, seed)
+        lo, hi = bootstrap_ci(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
         out.append(PairedResult(model, baseline, metric, int(diff.size), float(diff.mean()), lo, hi,
                                 paired_pvalue(base, values, test)))
     for r, p in zip(out, holm([r.p_value for r in out])):
